@@ -1,0 +1,279 @@
+"""One training session on the cloud: the step protocol of DESIGN.md, run against the shared stack.
+
+A remote LoRA call is a `torch.autograd.Function` (as in Petals): its forward asks the edge for
+the delta, its backward asks the edge for dL/dx through the low-rank path. So a step is an
+ordinary forward of the frozen stack followed by `torch.autograd.backward`, and backward stops
+by itself below the lowest layer that takes part in it: only those layers' calls carry an
+`anchor` that requires grad, and the frozen weights never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cloud_server.stack import DecoderStack, active_step
+from common import codecs
+from common.errors import ProtocolError, SessionError
+from common.families import target_groups
+from common.pb.dlora.v1 import dlora_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "dlora.v1"
+_END = object()  # end-of-stream marker on the queues
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What the Hello fixed for the whole session."""
+
+    session_id: str
+    groups: list[tuple[str, ...]]  # present targets per input group of a layer
+    group_widths: list[int]  # O: sum of output widths per group
+    codec_up: str
+    codec_down: str
+    block_size_down: int
+
+
+class EdgeLink:
+    """The cloud's end of one stream: a reader thread fills `inbox`, `outbox` feeds the response."""
+
+    def __init__(self, requests: Iterator[pb.EdgeMessage], reply_timeout_s: float) -> None:
+        self.inbox: queue.Queue[object] = queue.Queue()
+        self.outbox: queue.Queue[object] = queue.Queue()
+        self.reply_timeout_s = reply_timeout_s
+        self._reader = threading.Thread(target=self._read, args=(requests,), daemon=True)
+        self._reader.start()
+
+    def _read(self, requests: Iterator[pb.EdgeMessage]) -> None:
+        try:
+            for msg in requests:
+                self.inbox.put(msg)
+        except Exception as e:  # noqa: BLE001 - a cancelled stream raises grpc.RpcError here
+            log.debug("request stream ended: %s", e)
+        self.inbox.put(_END)
+
+    def send(self, msg: pb.CloudMessage) -> None:
+        self.outbox.put(msg)
+
+    def close(self) -> None:
+        self.outbox.put(_END)
+
+    def responses(self) -> Iterator[pb.CloudMessage]:
+        while (msg := self.outbox.get()) is not _END:
+            yield msg  # type: ignore[misc]
+
+    def recv(self) -> pb.EdgeMessage | None:
+        """The next edge message, None at end of stream.
+
+        Raises:
+            SessionError: the edge sent nothing for reply_timeout_s.
+        """
+        try:
+            msg = self.inbox.get(timeout=self.reply_timeout_s)
+        except queue.Empty:
+            raise SessionError(f"the edge sent nothing for {self.reply_timeout_s:.0f}s; closing the session") from None
+        return None if msg is _END else msg  # type: ignore[return-value]
+
+
+class _StreamClosed(Exception):
+    """The edge closed the stream in the middle of a step."""
+
+
+class _RemoteLora(torch.autograd.Function):
+    """delta = edge(x); its backward is the edge's low-rank-path gradient."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, run, layer, group):  # type: ignore[override]
+        ctx.run, ctx.layer, ctx.group = run, layer, group
+        return run.remote_forward(layer, group, x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return ctx.run.remote_backward(ctx.layer, ctx.group, grad), None, None, None, None
+
+
+class StepRun:
+    """One micro-batch: routes slot calls to the edge and checks every reply."""
+
+    def __init__(
+        self, spec: SessionSpec, link: EdgeLink, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int]
+    ) -> None:
+        self.spec, self.link, self.stack = spec, link, stack
+        self.step, self.mb = begin.step, begin.micro_batch
+        self.roles = list(begin.layer_roles)
+        self.train = begin.train
+        self.shape = shape  # (B, T)
+        self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
+        # requires_grad only matters for the layers that take part in backward
+        self._anchor = torch.ones((), requires_grad=True)
+
+    # -- called by the slots, inside the stack's forward
+    def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None:
+        targets = self.spec.groups[group]
+        if path not in targets or self.roles[layer] == pb.ABSENT:
+            return None
+        key = (layer, group)
+        if key not in self._pending:
+            if self.train and self.roles[layer] == pb.FORWARD_BACKWARD:
+                delta = _RemoteLora.apply(x, self._anchor, self, layer, group)
+            else:
+                with torch.no_grad():
+                    delta = self.remote_forward(layer, group, x.detach())
+            widths = [self.stack.out_width(p) for p in targets]
+            self._pending[key] = dict(zip(targets, torch.split(delta, widths, dim=-1)))
+            self._inputs[key] = x
+        elif self._inputs[key] is not x:
+            raise RuntimeError(f"family table: {path} does not read the same input as its group {targets}")
+        part = self._pending[key].pop(path)
+        if not self._pending[key]:
+            del self._pending[key], self._inputs[key]
+        return part
+
+    def remote_forward(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
+        self.link.send(
+            pb.CloudMessage(
+                lora_forward=pb.LoraForward(
+                    step=self.step, micro_batch=self.mb, layer=layer, group=group,
+                    x=codecs.encode(x, self.spec.codec_down, self.spec.block_size_down),
+                )
+            )
+        )
+        reply = self._expect("lora_delta", layer, group)
+        b, t = self.shape
+        return codecs.decode(
+            reply.delta, f"LoraDelta layer {layer} group {group}", (b, t, self.spec.group_widths[group]),
+            self.spec.codec_up, self.stack.dtype,
+        ).to(self.stack.device)
+
+    def remote_backward(self, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
+        self.link.send(
+            pb.CloudMessage(
+                lora_backward=pb.LoraBackward(
+                    step=self.step, micro_batch=self.mb, layer=layer, group=group,
+                    grad_output=codecs.encode(grad, self.spec.codec_down, self.spec.block_size_down),
+                )
+            )
+        )
+        reply = self._expect("lora_grad", layer, group)
+        b, t = self.shape
+        width = self.stack.in_width(self.spec.groups[group][0])
+        return codecs.decode(
+            reply.grad_input, f"LoraGrad layer {layer} group {group}", (b, t, width),
+            self.spec.codec_up, grad.dtype,
+        ).to(grad.device)
+
+    def _expect(self, kind: str, layer: int | None = None, group: int | None = None):  # type: ignore[no-untyped-def]
+        msg = self.link.recv()
+        if msg is None:
+            raise _StreamClosed()
+        got = msg.WhichOneof("kind")
+        if got != kind:
+            raise ProtocolError(f"step {self.step}: expected {kind}, got {got}")
+        body = getattr(msg, kind)
+        if (body.step, body.micro_batch) != (self.step, self.mb):
+            raise ProtocolError(
+                f"{kind} for step {body.step}/{body.micro_batch} while step {self.step}/{self.mb} runs"
+            )
+        if layer is not None and (body.layer, body.group) != (layer, group):
+            raise ProtocolError(f"{kind} for layer {body.layer} group {body.group}, expected {layer}/{group}")
+        return body
+
+    # -- the whole micro-batch
+    def execute(self, embeddings: torch.Tensor, mask: torch.Tensor) -> None:
+        with active_step(self), torch.set_grad_enabled(self.train):
+            hidden = self.stack.run(embeddings, mask)
+        self.link.send(
+            pb.CloudMessage(
+                hidden=pb.Hidden(
+                    step=self.step, micro_batch=self.mb,
+                    hidden=codecs.encode(hidden, self.spec.codec_down, self.spec.block_size_down),
+                )
+            )
+        )
+        if not self.train:
+            return
+        reply = self._expect("hidden_grad")
+        grad = codecs.decode(
+            reply.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype
+        ).to(hidden.device)
+        if hidden.requires_grad:  # False when no layer takes part in backward
+            torch.autograd.backward(hidden, grad)
+
+
+def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionSpec:
+    """Check a Hello against the hosted model and fix the session's shape.
+
+    Raises:
+        SessionError: protocol or base model differ.
+        ProtocolError: unknown targets or codecs.
+    """
+    if hello.protocol != PROTOCOL:
+        raise SessionError(f"edge speaks protocol {hello.protocol!r}, this cloud speaks {PROTOCOL!r}; upgrade one side")
+    if hello.model_fingerprint != stack.fingerprint:
+        raise SessionError(
+            f"base model mismatch: the edge holds model {hello.model_fingerprint}, this cloud serves "
+            f"{stack.config.model_type} {stack.fingerprint} from {stack.model_dir}; use the same model folder on both sides"
+        )
+    known = set(stack.family.all_paths())
+    bad = [t for t in hello.targets if t not in known]
+    if bad or not hello.targets:
+        raise ProtocolError(f"targets {bad or '(none)'} are not LoRA-able modules of a {stack.config.model_type} layer")
+    groups = target_groups(stack.family, tuple(hello.targets))
+    widths = [sum(stack.out_width(p) for p in g) for g in groups]
+    codec_up = codecs.BY_ENUM[hello.codec_up].name if hello.codec_up in codecs.BY_ENUM else ""
+    codec_down = codecs.BY_ENUM[hello.codec_down].name if hello.codec_down in codecs.BY_ENUM else ""
+    if codec_up not in codecs.WIRE_CODECS or codec_down not in codecs.WIRE_CODECS:
+        raise ProtocolError(f"unsupported codecs up={hello.codec_up} down={hello.codec_down}")
+    return SessionSpec(session_id, groups, widths, codec_up, codec_down, hello.block_size_down or codecs.DEFAULT_BLOCK_SIZE)
+
+
+def check_begin(begin: pb.StepBegin, spec: SessionSpec, stack: DecoderStack, max_tokens: int):  # type: ignore[no-untyped-def]
+    """Decode and validate a StepBegin's tensors.
+
+    Raises:
+        ProtocolError: any mismatch with what the model and session expect.
+    """
+    if len(begin.layer_roles) != stack.num_layers:
+        raise ProtocolError(f"layer_roles has {len(begin.layer_roles)} entries, the model has {stack.num_layers} layers")
+    if len(begin.embeddings.shape) != 3:
+        raise ProtocolError(f"embeddings must be (B, T, E), got shape {tuple(begin.embeddings.shape)}")
+    b, t = int(begin.embeddings.shape[0]), int(begin.embeddings.shape[1])
+    if b < 1 or t < 1 or b * t > max_tokens:
+        raise ProtocolError(f"embeddings of {b}x{t} tokens: need 1..{max_tokens} tokens per micro-batch")
+    if stack.max_positions and t > stack.max_positions:
+        raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
+    emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.embed_width), spec.codec_up, stack.dtype)
+    mask = codecs.decode(begin.attention_mask, "StepBegin.attention_mask", (b, t), "uint8")
+    if bool((mask > 1).any()):
+        raise ProtocolError("attention_mask must hold only 0 and 1")
+    return emb, mask.to(torch.long), (b, t)
+
+
+def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int) -> None:
+    """Serve StepBegins until the edge closes the stream. Bad input abandons one step, not the session."""
+    while (msg := link.recv()) is not None:
+        if msg.WhichOneof("kind") != "step_begin":
+            raise ProtocolError(f"expected step_begin between steps, got {msg.WhichOneof('kind')}")
+        begin = msg.step_begin
+        started = time.perf_counter()
+        try:
+            emb, mask, shape = check_begin(begin, spec, stack, max_tokens)
+            StepRun(spec, link, stack, begin, shape).execute(emb, mask)
+        except ProtocolError as e:
+            log.warning("session %s step %d: %s", spec.session_id, begin.step, e)
+            link.send(pb.CloudMessage(step_error=pb.StepError(
+                step=begin.step, micro_batch=begin.micro_batch, code="INVALID_ARGUMENT", message=str(e))))
+            continue
+        except _StreamClosed:
+            return
+        link.send(pb.CloudMessage(step_done=pb.StepDone(
+            step=begin.step, micro_batch=begin.micro_batch, cloud_seconds=time.perf_counter() - started)))

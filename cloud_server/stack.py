@@ -1,0 +1,139 @@
+"""The frozen decoder stack the cloud hosts, with a remote-LoRA slot around every LoRA-able module.
+
+The stack is the Hugging Face *base* model (AutoModel) run on `inputs_embeds`, so whatever the
+architecture applies to the embeddings (positions, ALiBi, embedding layernorm, the final norm)
+happens here, exactly as in the full model. Its input embedding table is dropped: the edge owns it.
+
+A slot adds nothing unless the current thread is running a session step (`active_step`), in
+which case it adds the delta the session's step obtains from the edge. Many sessions share one
+stack: the step is looked up per thread, the weights are never written.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+from common.errors import ConfigError
+from common.families import Family, family_of
+from common.model_files import fingerprint, load_config, tensor_index
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepDeltas(Protocol):
+    """What a slot asks of the running step (implemented by cloud_server.session.StepRun)."""
+
+    def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+_active: contextvars.ContextVar[StepDeltas | None] = contextvars.ContextVar("dlora_active_step", default=None)
+
+
+@contextmanager
+def active_step(step: StepDeltas) -> Iterator[None]:
+    """Route every slot called in this thread to `step` while the block runs."""
+    token = _active.set(step)
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+class RemoteLoraSlot(nn.Module):
+    """A frozen linear (nn.Linear or GPT-2's Conv1D) plus the LoRA delta of the active step."""
+
+    def __init__(self, base: nn.Module, layer: int, group: int, path: str) -> None:
+        super().__init__()
+        self.base = base
+        self.layer, self.group, self.path = layer, group, path
+        weight = base.weight
+        # Conv1D stores (in, out); nn.Linear stores (out, in).
+        self.in_features, self.out_features = (
+            (weight.shape[1], weight.shape[0]) if isinstance(base, nn.Linear) else (weight.shape[0], weight.shape[1])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        step = _active.get()
+        if step is None:
+            return out
+        delta = step.delta_for(self.layer, self.group, self.path, x)
+        return out if delta is None else out + delta.to(out.dtype)
+
+
+class DecoderStack:
+    """The frozen base model of one model folder, ready to serve sessions.
+
+    Raises:
+        ConfigError: the folder is unusable, the architecture unsupported, or the device missing.
+    """
+
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model_dir = Path(model_dir)
+        self.config = load_config(self.model_dir)
+        self.family: Family = family_of(self.config.model_type)
+        tensor_index(self.model_dir)  # fail early, with a clear message, on a folder without weights
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.fingerprint = fingerprint(self.model_dir)
+        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype)
+        model.set_input_embeddings(None)  # the edge owns the embedding table
+        model.requires_grad_(False)
+        self.model = model.eval().to(self.device)
+        self.layers = self.model.get_submodule(self.family.layers)
+        self.num_layers = len(self.layers)
+        self.slots = self._install_slots()
+        self.embed_width = self._embed_width()
+        self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
+            self.config, "n_positions", None
+        )
+        log.info(
+            "loaded %s (%d layers, %s, %s) fingerprint %s",
+            self.config.model_type, self.num_layers, dtype, device, self.fingerprint,
+        )
+
+    def _install_slots(self) -> dict[tuple[int, str], RemoteLoraSlot]:
+        slots: dict[tuple[int, str], RemoteLoraSlot] = {}
+        for i, layer in enumerate(self.layers):
+            for g, group in enumerate(self.family.input_groups):
+                for path in group:
+                    parent_path, _, attr = path.rpartition(".")
+                    parent = layer.get_submodule(parent_path) if parent_path else layer
+                    slot = RemoteLoraSlot(getattr(parent, attr), i, g, path)
+                    setattr(parent, attr, slot)
+                    slots[(i, path)] = slot
+        return slots
+
+    def _embed_width(self) -> int:
+        # OPT may project embeddings (word_embed_proj_dim) before the first layer.
+        return int(getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size)
+
+    def out_width(self, path: str) -> int:
+        """Output width of a LoRA-able module (the same in every layer)."""
+        return int(self.slots[(0, path)].out_features)
+
+    def in_width(self, path: str) -> int:
+        """Input width of a LoRA-able module."""
+        return int(self.slots[(0, path)].in_features)
+
+    def run(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after the final norm) for embeddings (B, T, E) -> (B, T, E_out)."""
+        out = self.model(
+            inputs_embeds=embeddings.to(self.device, self.dtype),
+            attention_mask=attention_mask.to(self.device),
+            use_cache=False,
+        )
+        return out.last_hidden_state

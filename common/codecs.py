@@ -1,0 +1,172 @@
+"""Wire codecs: torch tensors to and from `dlora.v1.Tensor`, with strict validation.
+
+Every tensor that arrives is checked against what the step expects (codec, shape, byte
+length, finite values) before anything uses it; a mismatch raises ProtocolError, which the
+servers turn into INVALID_ARGUMENT. Encoding makes one copy (into the protobuf bytes field);
+decoding reads the bytes in place with torch.frombuffer.
+
+int8 is blockwise absmax (as bitsandbytes' and hivemind's blockwise 8-bit): the flat tensor is
+cut into blocks of `block_size` elements, each stored as round(x / absmax * 127) with its absmax
+as a float32 scale, so the error of any element is at most absmax/254 of its block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import ProtocolError
+from common.pb.dlora.v1 import dlora_pb2 as pb
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One wire encoding."""
+
+    name: str  # the --wire flag value
+    codec: int  # the dlora.v1.Codec enum value
+    dtype: torch.dtype  # element type in Tensor.data
+    bytes_per_element: int
+
+
+CODECS: dict[str, CodecSpec] = {
+    "float32": CodecSpec("float32", pb.FLOAT32, torch.float32, 4),
+    "bfloat16": CodecSpec("bfloat16", pb.BFLOAT16, torch.bfloat16, 2),
+    "float16": CodecSpec("float16", pb.FLOAT16, torch.float16, 2),
+    "int8": CodecSpec("int8", pb.INT8_BLOCKWISE, torch.int8, 1),
+    "uint8": CodecSpec("uint8", pb.UINT8, torch.uint8, 1),
+}
+BY_ENUM: dict[int, CodecSpec] = {spec.codec: spec for spec in CODECS.values()}
+WIRE_CODECS = ("float32", "bfloat16", "float16", "int8")  # what --wire accepts
+DEFAULT_BLOCK_SIZE = 4096
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def codec_spec(name: str) -> CodecSpec:
+    """The codec for a --wire value.
+
+    Raises:
+        ProtocolError: unknown name (the message lists the known ones).
+    """
+    if name not in CODECS:
+        raise ProtocolError(f"unknown wire codec {name!r}; use one of {', '.join(WIRE_CODECS)}")
+    return CODECS[name]
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) -> pb.Tensor:
+    """Encode a tensor for the wire.
+
+    Raises:
+        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size < 1.
+    """
+    spec = codec_spec(codec)
+    shape = list(t.shape)
+    t = t.detach()
+    if spec.codec == pb.UINT8:
+        return pb.Tensor(data=_raw_bytes(t.to(torch.uint8)), shape=shape, codec=spec.codec)
+    if not bool(torch.isfinite(t).all()):
+        raise ProtocolError(f"refusing to send a tensor of shape {tuple(shape)} with NaN or Inf values")
+    if spec.codec == pb.INT8_BLOCKWISE:
+        data, scales = _int8_encode(t, block_size)
+        return pb.Tensor(data=data, shape=shape, codec=spec.codec, scales=scales, block_size=block_size)
+    if spec.dtype == torch.float16 and t.numel() and float(t.abs().max()) > _FLOAT16_MAX:
+        raise ProtocolError("a value exceeds float16's range; use --wire bfloat16 or float32")
+    return pb.Tensor(data=_raw_bytes(t.to(spec.dtype).cpu()), shape=shape, codec=spec.codec)
+
+
+def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[bytes, bytes]:
+    if block_size < 1:
+        raise ProtocolError(f"int8 block size must be >= 1, got {block_size}")
+    flat = t.reshape(-1).to(torch.float32).cpu()
+    n = flat.numel()
+    pad = (-n) % block_size
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)  # (n_blocks, block)
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    q = torch.round(blocks * scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return _raw_bytes(q), _raw_bytes(absmax)
+
+
+def nbytes(msg: pb.Tensor) -> int:
+    """Payload bytes of an encoded tensor (data plus scales; the small header not counted)."""
+    return len(msg.data) + len(msg.scales)
+
+
+def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():  # protobuf bytes are read-only; we never write into them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype)
+
+
+def decode(
+    msg: pb.Tensor,
+    what: str,
+    shape: Sequence[int | None],
+    codec: str,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode and validate an incoming tensor.
+
+    Args:
+        msg: the wire tensor.
+        what: a name for error messages ("LoraDelta layer 3").
+        shape: the expected shape; None in a position accepts any size there.
+        codec: the codec the session agreed for this direction.
+        out_dtype: the dtype of the returned tensor (ignored for uint8 masks).
+
+    Raises:
+        ProtocolError: wrong codec, shape, byte length, block layout, or NaN/Inf values.
+    """
+    spec = codec_spec(codec)
+    if msg.codec != spec.codec:
+        got = BY_ENUM[msg.codec].name if msg.codec in BY_ENUM else f"enum {msg.codec}"
+        raise ProtocolError(f"{what}: codec {got}, expected {spec.name}")
+    got_shape = tuple(msg.shape)
+    if len(got_shape) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got_shape)):
+        want = tuple("*" if e is None else e for e in shape)
+        raise ProtocolError(f"{what}: shape {got_shape}, expected {want}")
+    if any(g < 0 for g in got_shape):
+        raise ProtocolError(f"{what}: negative dimension in shape {got_shape}")
+    numel = 1
+    for g in got_shape:
+        numel *= g
+    if len(msg.data) != numel * spec.bytes_per_element:
+        raise ProtocolError(
+            f"{what}: {len(msg.data)} data bytes, expected {numel * spec.bytes_per_element} "
+            f"for shape {got_shape} in {spec.name}"
+        )
+    if spec.codec == pb.UINT8:
+        return _frombuffer(msg.data, torch.uint8).view(got_shape)
+    if spec.codec == pb.INT8_BLOCKWISE:
+        t = _int8_decode(msg, numel, what)
+    else:
+        t = _frombuffer(msg.data, spec.dtype)
+    t = t.view(got_shape).to(out_dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ProtocolError(f"{what}: NaN or Inf values")
+    return t
+
+
+def _int8_decode(msg: pb.Tensor, numel: int, what: str) -> torch.Tensor:
+    bs = msg.block_size
+    if bs < 1:
+        raise ProtocolError(f"{what}: int8 block_size must be >= 1, got {bs}")
+    n_blocks = -(-numel // bs)
+    if len(msg.scales) != 4 * n_blocks:
+        raise ProtocolError(f"{what}: {len(msg.scales)} scale bytes, expected {4 * n_blocks}")
+    absmax = _frombuffer(msg.scales, torch.float32)
+    if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
+        raise ProtocolError(f"{what}: int8 scales must be finite and non-negative")
+    q = _frombuffer(msg.data, torch.int8).to(torch.float32)
+    pad = n_blocks * bs - numel
+    blocks = torch.nn.functional.pad(q, (0, pad)).view(n_blocks, bs)
+    return (blocks * (absmax / 127.0)[:, None]).reshape(-1)[:numel]

@@ -1,0 +1,76 @@
+"""Process configs: one frozen pydantic model per process, built from CLI flags at the entry point.
+
+Validation errors are turned into one line naming the flag and the bad value (`flag_error`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.codecs import WIRE_CODECS
+from common.errors import ConfigError
+
+KillMode = Literal["frozen", "detached", "dropped"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServeConfig(_Frozen):
+    """`dlora-cloud serve`."""
+
+    model: Path  # Hugging Face model folder; the cloud materialises only its decoder stack
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0 picks a free port, printed as `listening on HOST:PORT`
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen stack
+    max_sessions: int = Field(16, ge=1)  # concurrent session streams
+    step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
+    max_message_mb: int = Field(512, ge=4)  # gRPC send/receive limit, set on both ends
+    max_tokens: int = Field(1 << 20, ge=1)  # B*T refused above this per micro-batch
+
+
+class TrainConfig(_Frozen):
+    """`dlora train` and `dlora local-train` (the latter ignores the wire fields)."""
+
+    model: Path  # Hugging Face model folder; the edge materialises only the embedding and head
+    data: Path  # JSONL: {"text"} or {"prompt", "completion"} per line
+    output: Path  # adapter, metrics.jsonl
+    cloud: str | None = None  # HOST:PORT of dlora-cloud; None for local-train
+    epochs: int = Field(4, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    targets: tuple[str, ...] | None = None  # None: PEFT's default targets for the family
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up steps before the cosine decay
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(256, ge=2)  # tokens per example; longer ones are truncated
+    seed: int = 0
+    shuffle: bool = True
+    wire: str = "float32"  # codec for both directions
+    connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
+    reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
+    max_message_mb: int = Field(512, ge=4)
+    progress: bool = True
+
+    @field_validator("wire")
+    @classmethod
+    def _known_wire(cls, v: str) -> str:
+        if v not in WIRE_CODECS:
+            raise ValueError(f"use one of {', '.join(WIRE_CODECS)}")
+        return v
+
+
+def flag_error(error: ValidationError) -> ConfigError:
+    """One line naming the first bad flag, its value and what is allowed."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    flag = "--" + field.removesuffix("_s").replace("_", "-")
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{flag}={first.get('input')!r}: {msg}")

@@ -1,0 +1,55 @@
+"""The dlora error tree, and the one table that maps it to gRPC status codes.
+
+Every error carries a one-line message that names what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DloraError(Exception):
+    """Base of every error dlora raises on purpose."""
+
+
+class ConfigError(DloraError, ValueError):
+    """A flag, a config file, a model folder or a data file is not what dlora needs."""
+
+
+class ProtocolError(DloraError, ValueError):
+    """A message does not match what the step expects (shape, dtype, byte length, values, order)."""
+
+
+class SessionError(DloraError):
+    """A session cannot start or continue (unknown id, model mismatch, expired state)."""
+
+
+class RemoteError(DloraError):
+    """The other side answered with an error, or could not be reached.
+
+    Attributes:
+        code: the gRPC status code name ("UNAVAILABLE", "INVALID_ARGUMENT", ...).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+STATUS_OF: dict[type[DloraError], grpc.StatusCode] = {
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    ProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionError: grpc.StatusCode.FAILED_PRECONDITION,
+    RemoteError: grpc.StatusCode.UNAVAILABLE,
+}
+
+# Only these are worth a retry: the call may succeed if tried again.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for an error; INTERNAL for anything dlora did not raise on purpose."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL

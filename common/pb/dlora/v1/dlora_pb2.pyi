@@ -1,0 +1,240 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    FLOAT32: _ClassVar[Codec]
+    BFLOAT16: _ClassVar[Codec]
+    FLOAT16: _ClassVar[Codec]
+    INT8_BLOCKWISE: _ClassVar[Codec]
+    UINT8: _ClassVar[Codec]
+
+class LayerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ABSENT: _ClassVar[LayerRole]
+    FORWARD: _ClassVar[LayerRole]
+    FORWARD_BACKWARD: _ClassVar[LayerRole]
+CODEC_UNSPECIFIED: Codec
+FLOAT32: Codec
+BFLOAT16: Codec
+FLOAT16: Codec
+INT8_BLOCKWISE: Codec
+UINT8: Codec
+ABSENT: LayerRole
+FORWARD: LayerRole
+FORWARD_BACKWARD: LayerRole
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "codec", "scales", "block_size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codec: Codec
+    scales: bytes
+    block_size: int
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scales: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_UP_FIELD_NUMBER: _ClassVar[int]
+    CODEC_DOWN_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_DOWN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    model_fingerprint: str
+    session_id: str
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    codec_up: Codec
+    codec_down: Codec
+    block_size_down: int
+    client_name: str
+    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ...) -> None: ...
+
+class StepBegin(_message.Message):
+    __slots__ = ("step", "micro_batch", "embeddings", "attention_mask", "train", "layer_roles")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ROLES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    embeddings: Tensor
+    attention_mask: Tensor
+    train: bool
+    layer_roles: _containers.RepeatedScalarFieldContainer[LayerRole]
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., train: _Optional[bool] = ..., layer_roles: _Optional[_Iterable[_Union[LayerRole, str]]] = ...) -> None: ...
+
+class LoraDelta(_message.Message):
+    __slots__ = ("step", "micro_batch", "layer", "group", "delta")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    layer: int
+    group: int
+    delta: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., delta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class HiddenGrad(_message.Message):
+    __slots__ = ("step", "micro_batch", "grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    grad: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoraGrad(_message.Message):
+    __slots__ = ("step", "micro_batch", "layer", "group", "grad_input")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    layer: int
+    group: int
+    grad_input: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., grad_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EdgeMessage(_message.Message):
+    __slots__ = ("hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    STEP_BEGIN_FIELD_NUMBER: _ClassVar[int]
+    LORA_DELTA_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_GRAD_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRAD_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    step_begin: StepBegin
+    lora_delta: LoraDelta
+    hidden_grad: HiddenGrad
+    lora_grad: LoraGrad
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_begin: _Optional[_Union[StepBegin, _Mapping]] = ..., lora_delta: _Optional[_Union[LoraDelta, _Mapping]] = ..., hidden_grad: _Optional[_Union[HiddenGrad, _Mapping]] = ..., lora_grad: _Optional[_Union[LoraGrad, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("session_id", "protocol", "num_layers", "model_type", "server_version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    protocol: str
+    num_layers: int
+    model_type: str
+    server_version: str
+    def __init__(self, session_id: _Optional[str] = ..., protocol: _Optional[str] = ..., num_layers: _Optional[int] = ..., model_type: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+
+class LoraForward(_message.Message):
+    __slots__ = ("step", "micro_batch", "layer", "group", "x")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    layer: int
+    group: int
+    x: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Hidden(_message.Message):
+    __slots__ = ("step", "micro_batch", "hidden")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    hidden: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoraBackward(_message.Message):
+    __slots__ = ("step", "micro_batch", "layer", "group", "grad_output")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    layer: int
+    group: int
+    grad_output: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StepDone(_message.Message):
+    __slots__ = ("step", "micro_batch", "cloud_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    cloud_seconds: float
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., cloud_seconds: _Optional[float] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("step", "micro_batch", "code", "message")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    code: str
+    message: str
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CloudMessage(_message.Message):
+    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    LORA_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_DONE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ERROR_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    lora_forward: LoraForward
+    hidden: Hidden
+    lora_backward: LoraBackward
+    step_done: StepDone
+    step_error: StepError
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("status", "model_type", "model_fingerprint", "open_sessions")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    model_type: str
+    model_fingerprint: str
+    open_sessions: int
+    def __init__(self, status: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., open_sessions: _Optional[int] = ...) -> None: ...

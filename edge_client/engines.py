@@ -1,0 +1,131 @@
+"""Two ways to compute one training step's loss and LoRA gradients, with one interface.
+
+- SplitEngine: the dlora way. Embedding, head, loss and LoRA on this device; the frozen decoder
+  blocks on dlora-cloud, over one gRPC session.
+- LocalEngine: plain `peft.get_peft_model` on one machine, the baseline dlora is compared with.
+
+Both start from the same LoRA weights (LoraAdapter's seeded init) and run the frozen base in
+eval mode (its own dropout off) with LoRA dropout on, so with the same seed they draw the same
+dropout masks and train the same adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from common.config import TrainConfig
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.adapter import LoraAdapter, lora_config
+from edge_client.data import Batch, lm_loss
+from edge_client.link import CloudLink, Traffic
+from edge_client.model_parts import EdgeModel
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the training loop needs of a way to compute a step."""
+
+    tokenizer: PreTrainedTokenizerBase
+    num_layers: int
+
+    def parameters(self) -> list[nn.Parameter]: ...
+    def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]: ...
+    def recover(self) -> None: ...
+    def save(self, out_dir: Path) -> None: ...
+    def close(self) -> None: ...
+
+
+class SplitEngine:
+    """Edge half of split training; `roles` says per layer what this step does with its LoRA group."""
+
+    def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
+        if cfg.cloud is None:
+            raise ValueError("SplitEngine needs cfg.cloud")
+        self.edge = edge or EdgeModel(cfg.model, cfg.targets)
+        self.tokenizer = self.edge.tokenizer
+        self.num_layers = self.edge.num_layers
+        self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
+        self.link = CloudLink(cfg.cloud, self.edge, cfg.wire, cfg.connect_timeout_s, cfg.reply_timeout_s,
+                              cfg.max_message_mb)
+        self.link.open()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.adapter.named_lora_parameters()]
+
+    def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
+        n_tokens = batch.label_tokens
+        losses: list[float] = []
+
+        def on_hidden(h: torch.Tensor) -> torch.Tensor:
+            h = h.detach().requires_grad_(True)  # (B, T, E_out)
+            loss = lm_loss(self.edge.logits(h), batch.labels, n_tokens)
+            loss.backward()
+            losses.append(float(loss))
+            return h.grad  # type: ignore[return-value]
+
+        with torch.no_grad():
+            emb = self.edge.embed(batch.input_ids)  # (B, T, E)
+        traffic = self.link.run_step(step, 0, emb, batch.attention_mask, roles, True, self.adapter, on_hidden)
+        return sum(losses), traffic
+
+    def recover(self) -> None:
+        """Reconnect after a broken stream, resuming the same cloud session id."""
+        self.adapter.discard_pending()
+        self.link.open()
+
+    def save(self, out_dir: Path) -> None:
+        self.adapter.save(out_dir)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class LocalEngine:
+    """PEFT LoRA on the whole model in this process (the cloud-only baseline)."""
+
+    def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
+        self.edge = edge or EdgeModel(cfg.model, cfg.targets)
+        self.tokenizer = self.edge.tokenizer
+        self.num_layers = self.edge.num_layers
+        init = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
+        base = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32)
+        self.model = get_peft_model(base, lora_config(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout))
+        own = dict(self.model.named_parameters())
+        self._params: list[nn.Parameter] = []
+        with torch.no_grad():
+            for key, value in init.named_lora_parameters():
+                name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+                own[name].copy_(value)
+                self._params.append(own[name])
+        self.model.eval()  # frozen base without its dropout, as on the cloud
+        for name, module in self.model.named_modules():
+            if ".lora_dropout." in name:
+                module.train()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self._params
+
+    def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
+        if any(r != pb.FORWARD_BACKWARD for r in roles):
+            raise NotImplementedError("LocalEngine trains every layer")
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        loss = lm_loss(logits, batch.labels, batch.label_tokens)
+        loss.backward()
+        return float(loss), Traffic()
+
+    def recover(self) -> None:
+        pass
+
+    def save(self, out_dir: Path) -> None:
+        self.model.save_pretrained(str(out_dir))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,215 @@
+"""The device's end of a session stream: handshake, then one micro-batch at a time.
+
+The cloud drives the order inside a micro-batch (its forward and backward decide which layer
+calls come when); this side answers each call with the LoRA adapter, and hands the final hidden
+states to a callback that computes the loss (or the scores) locally and returns dL/dh.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from common import codecs
+from common.errors import ProtocolError, RemoteError
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from edge_client.adapter import LoraAdapter
+from edge_client.model_parts import EdgeModel
+
+log = logging.getLogger(__name__)
+PROTOCOL = "dlora.v1"
+_END = object()
+
+HiddenCallback = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class Traffic:
+    """Bytes of one micro-batch by direction: tensor payload, and whole serialized messages."""
+
+    payload_up: int = 0
+    payload_down: int = 0
+    wire_up: int = 0
+    wire_down: int = 0
+    messages: dict[str, int] = field(default_factory=dict)  # message kind -> count
+
+    def add(self, other: Traffic) -> None:
+        self.payload_up += other.payload_up
+        self.payload_down += other.payload_down
+        self.wire_up += other.wire_up
+        self.wire_down += other.wire_down
+        for k, v in other.messages.items():
+            self.messages[k] = self.messages.get(k, 0) + v
+
+
+def _payload(msg: pb.EdgeMessage | pb.CloudMessage) -> int:
+    body = getattr(msg, msg.WhichOneof("kind"))
+    return sum(codecs.nbytes(v) for f, v in body.ListFields() if isinstance(v, pb.Tensor))
+
+
+class CloudLink:
+    """One session with dlora-cloud.
+
+    Raises (from open/run_step):
+        RemoteError: the cloud is unreachable, refused the session, or failed a step.
+        ProtocolError: the cloud sent something this step does not expect.
+    """
+
+    def __init__(self, address: str, edge: EdgeModel, wire: str = "float32", connect_timeout_s: float = 15.0,
+                 reply_timeout_s: float = 600.0, max_message_mb: int = 512) -> None:
+        self.address, self.edge, self.wire = address, edge, wire
+        self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
+        limit = max_message_mb * 1024 * 1024
+        self._options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        self.session_id = ""
+        self.num_layers = edge.num_layers
+        self._channel: grpc.Channel | None = None
+        self._outbox: queue.Queue[object] = queue.Queue()
+        self._inbox: queue.Queue[object] = queue.Queue()
+
+    # -- connection
+    def open(self) -> str:
+        """Connect and handshake; returns the session id."""
+        self.close()
+        self._channel = grpc.insecure_channel(self.address, options=self._options)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self.close()
+            raise RemoteError(
+                "UNAVAILABLE",
+                f"cannot reach dlora-cloud at {self.address} within {self.connect_timeout_s:.0f}s; "
+                "is `dlora-cloud serve` running there?",
+            ) from None
+        self._outbox: queue.Queue[object] = queue.Queue()
+        self._inbox: queue.Queue[object] = queue.Queue()
+        stub = pb_grpc.SplitTrainingStub(self._channel)
+        self._call = stub.Session(iter(self._outbox.get, _END))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        codec = codecs.codec_spec(self.wire).codec
+        self._send(pb.EdgeMessage(hello=pb.Hello(
+            protocol=PROTOCOL, model_fingerprint=self.edge.fingerprint, session_id=self.session_id,
+            targets=list(self.edge.target_paths), codec_up=codec, codec_down=codec,
+            block_size_down=codecs.DEFAULT_BLOCK_SIZE, client_name=socket.gethostname(),
+        )), Traffic())
+        welcome = self._recv(Traffic()).welcome
+        if welcome.num_layers != self.edge.num_layers:
+            raise ProtocolError(f"cloud hosts {welcome.num_layers} layers, the edge model has {self.edge.num_layers}")
+        self.session_id = welcome.session_id
+        log.info("session %s on %s (%s, %d layers)", self.session_id, self.address, welcome.model_type, welcome.num_layers)
+        return self.session_id
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._outbox.put(_END)
+            self._channel.close()
+            self._channel = None
+
+    def _read(self) -> None:
+        try:
+            for msg in self._call:
+                self._inbox.put(msg)
+            self._inbox.put(_END)
+        except grpc.RpcError as e:
+            self._inbox.put(e)
+
+    def _send(self, msg: pb.EdgeMessage, traffic: Traffic) -> None:
+        traffic.payload_up += _payload(msg)
+        traffic.wire_up += msg.ByteSize()
+        kind = "up:" + msg.WhichOneof("kind")
+        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        self._outbox.put(msg)
+
+    def _recv(self, traffic: Traffic) -> pb.CloudMessage:
+        try:
+            item = self._inbox.get(timeout=self.reply_timeout_s)
+        except queue.Empty:
+            self.close()
+            raise RemoteError("DEADLINE_EXCEEDED", f"dlora-cloud at {self.address} sent nothing for "
+                                                   f"{self.reply_timeout_s:.0f}s") from None
+        if item is _END:
+            raise RemoteError("UNAVAILABLE", f"dlora-cloud at {self.address} closed the session")
+        if isinstance(item, grpc.RpcError):
+            code = item.code().name if item.code() else "UNKNOWN"
+            raise RemoteError(code, f"dlora-cloud at {self.address}: {item.details() or code}")
+        msg: pb.CloudMessage = item  # type: ignore[assignment]
+        traffic.payload_down += _payload(msg)
+        traffic.wire_down += msg.ByteSize()
+        kind = "down:" + msg.WhichOneof("kind")
+        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        return msg
+
+    # -- one micro-batch
+    def run_step(self, step: int, mb: int, embeddings: torch.Tensor, attention_mask: torch.Tensor,
+                 roles: list[int], train: bool, adapter: LoraAdapter | None, on_hidden: HiddenCallback) -> Traffic:
+        """Run one micro-batch through the cloud; returns its traffic.
+
+        on_hidden(h) gets the final hidden states (B, T, E_out) and returns dL/dh when training.
+        """
+        traffic = Traffic()
+        b, t = attention_mask.shape
+        self._send(pb.EdgeMessage(step_begin=pb.StepBegin(
+            step=step, micro_batch=mb, train=train, layer_roles=roles,
+            embeddings=codecs.encode(embeddings, self.wire),
+            attention_mask=codecs.encode(attention_mask, "uint8"),
+        )), traffic)
+        try:
+            while True:
+                msg = self._recv(traffic)
+                kind = msg.WhichOneof("kind")
+                body = getattr(msg, kind)
+                if kind == "step_error":
+                    raise RemoteError(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
+                if (body.step, body.micro_batch) != (step, mb):
+                    raise ProtocolError(f"cloud sent {kind} for step {body.step}/{body.micro_batch} during {step}/{mb}")
+                if kind == "lora_forward":
+                    self._answer_forward(body, b, t, roles, train, adapter, traffic)
+                elif kind == "hidden":
+                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire)
+                    grad = on_hidden(h)
+                    if train:
+                        if grad is None:
+                            raise ValueError("on_hidden must return dL/dh when training")
+                        self._send(pb.EdgeMessage(hidden_grad=pb.HiddenGrad(
+                            step=step, micro_batch=mb, grad=codecs.encode(grad, self.wire))), traffic)
+                elif kind == "lora_backward":
+                    self._answer_backward(body, b, t, adapter, traffic)
+                elif kind == "step_done":
+                    return traffic
+                else:
+                    raise ProtocolError(f"cloud sent {kind} in the middle of step {step}")
+        finally:
+            if adapter is not None:
+                adapter.discard_pending()
+
+    def _answer_forward(self, body: pb.LoraForward, b: int, t: int, roles: list[int], train: bool,
+                        adapter: LoraAdapter | None, traffic: Traffic) -> None:
+        layer, group = body.layer, body.group
+        if adapter is None or layer >= len(roles) or roles[layer] == pb.ABSENT or (layer, group) not in adapter.by_group:
+            raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
+        x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)), self.wire)
+        need_grad = train and roles[layer] == pb.FORWARD_BACKWARD
+        delta = adapter.forward_group(body.micro_batch, layer, group, x, need_grad)
+        self._send(pb.EdgeMessage(lora_delta=pb.LoraDelta(
+            step=body.step, micro_batch=body.micro_batch, layer=layer, group=group,
+            delta=codecs.encode(delta, self.wire))), traffic)
+
+    def _answer_backward(self, body: pb.LoraBackward, b: int, t: int, adapter: LoraAdapter | None,
+                         traffic: Traffic) -> None:
+        layer, group = body.layer, body.group
+        if adapter is None or not adapter.has_pending(body.micro_batch, layer, group):
+            raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
+        g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)), self.wire)
+        dx = adapter.backward_group(body.micro_batch, layer, group, g)
+        self._send(pb.EdgeMessage(lora_grad=pb.LoraGrad(
+            step=body.step, micro_batch=body.micro_batch, layer=layer, group=group,
+            grad_input=codecs.encode(dx, self.wire))), traffic)

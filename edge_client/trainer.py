@@ -1,0 +1,110 @@
+"""The training loop both `dlora train` and `dlora local-train` run: data, AdamW + cosine, metrics, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from common.config import TrainConfig
+from common.errors import RETRYABLE, RemoteError
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.data import epoch_batches, load_examples, steps_per_epoch
+from edge_client.engines import Engine
+from edge_client.link import Traffic
+
+log = logging.getLogger(__name__)
+_RETRYABLE_NAMES = {c.name for c in RETRYABLE}
+MAX_RETRIES = 5  # per step; backoff 0.5 s doubling, capped at 8 s
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: Path
+    steps: int
+    epoch_losses: list[float]  # mean loss per epoch
+    seconds: float
+
+
+def _step_with_retry(engine: Engine, batch, step: int, roles: list[int], params) -> tuple[float, Traffic]:  # type: ignore[no-untyped-def]
+    """One step; after UNAVAILABLE or DEADLINE_EXCEEDED, reconnect and redo it with the same dropout draws."""
+    rng = torch.get_rng_state()
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            return engine.train_step(batch, step, roles)
+        except RemoteError as e:
+            if e.code not in _RETRYABLE_NAMES or attempt == MAX_RETRIES:
+                raise
+            wait = min(0.5 * 2**attempt, 8.0)
+            log.warning("step %d: %s; retrying in %.1fs (%d/%d)", step, e, wait, attempt + 1, MAX_RETRIES)
+            time.sleep(wait)
+            for p in params:
+                p.grad = None
+            torch.set_rng_state(rng)
+            try:
+                engine.recover()
+            except RemoteError as again:
+                log.warning("reconnect failed: %s", again)
+    raise AssertionError("unreachable")
+
+
+def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
+    """Fine-tune and write the adapter, metrics.jsonl and run_config.json into cfg.output.
+
+    Raises:
+        ConfigError: bad data file.
+        RemoteError: the cloud failed in a way a retry does not fix.
+    """
+    started = time.perf_counter()
+    examples = load_examples(cfg.data, engine.tokenizer, cfg.max_length)
+    params = engine.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = steps_per_epoch(len(examples), cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    (cfg.output / "run_config.json").write_text(cfg.model_dump_json(indent=2))
+    roles = [pb.FORWARD_BACKWARD] * engine.num_layers
+    pad = engine.tokenizer.pad_token_id
+    log.info("%d examples, %d steps per epoch, %d epochs", len(examples), per_epoch, cfg.epochs)
+
+    torch.manual_seed(cfg.seed)  # LoRA dropout draws: the same sequence on every path
+    step, epoch_losses = 0, []
+    with (cfg.output / "metrics.jsonl").open("w") as metrics, tqdm(
+        total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True
+    ) as bar:
+        for epoch in range(cfg.epochs):
+            losses = []
+            for batch in epoch_batches(examples, cfg.batch_size, pad, cfg.seed, epoch, cfg.shuffle):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss, traffic = _step_with_retry(engine, batch, step, roles, params)
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                dt = time.perf_counter() - t0
+                losses.append(loss)
+                row = {
+                    "epoch": epoch + 1, "step": step + 1, "loss": loss, "lr": lr, "step_s": round(dt, 4),
+                    "tokens": int(batch.attention_mask.sum()),
+                    "bytes_to_cloud": traffic.wire_up, "bytes_from_cloud": traffic.wire_down,
+                    "payload_to_cloud": traffic.payload_up, "payload_from_cloud": traffic.payload_down,
+                    "active_modules": sum(r == pb.FORWARD_BACKWARD for r in roles),
+                }
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                step += 1
+                log.info("step=%d loss=%.4f active=%d/%d up=%.1fMB down=%.1fMB %.2fs", step, loss,
+                         row["active_modules"], engine.num_layers, traffic.wire_up / 1e6, traffic.wire_down / 1e6, dt)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+                bar.update(1)
+            epoch_losses.append(sum(losses) / len(losses))
+            log.info("epoch %d/%d mean loss %.4f", epoch + 1, cfg.epochs, epoch_losses[-1])
+    engine.save(cfg.output)
+    return TrainResult(cfg.output, step, epoch_losses, time.perf_counter() - started)
