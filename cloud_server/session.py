@@ -123,11 +123,14 @@ class StepRun:
             return None
         key = (layer, group)
         if key not in self._pending:
+            # Some families flatten tokens before the MLP (OPT: (B*T, H)); the wire is always (B, T, H).
+            xs = x if x.dim() == 3 else x.reshape(*self.shape, x.shape[-1])
             if self.train and self.roles[layer] == pb.FORWARD_BACKWARD:
-                delta = _RemoteLora.apply(x, self._anchor, self, layer, group)
+                delta = _RemoteLora.apply(xs, self._anchor, self, layer, group)
             else:
                 with torch.no_grad():
-                    delta = self.remote_forward(layer, group, x.detach())
+                    delta = self.remote_forward(layer, group, xs.detach())
+            delta = delta.reshape(*x.shape[:-1], delta.shape[-1])
             widths = [self.stack.out_width(p) for p in targets]
             self._pending[key] = dict(zip(targets, torch.split(delta, widths, dim=-1)))
             self._inputs[key] = x

@@ -1,0 +1,203 @@
+"""`dlora`: the device-side command line (train, local-train, eval, prepare, demo).
+
+Environment variables read here only: DLORA_CACHE (default cache folder), DLORA_LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from common.config import TrainConfig, flag_error
+from common.errors import ConfigError, DloraError, RemoteError
+
+log = logging.getLogger("dlora")
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DLORA_CACHE", Path.home() / ".cache" / "dlora"))
+
+
+def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
+    if split:
+        p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
+        p.add_argument("--wire", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                       help="codec for activations and gradients on the wire (default float32)")
+        p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the cloud (default 15)")
+        p.add_argument("--reply-timeout", type=float, default=600.0, help="longest wait for one cloud message (default 600)")
+        p.add_argument("--max-message-mb", type=int, default=512, help="gRPC message size limit in MB (default 512)")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (config, tokenizer, safetensors)")
+    p.add_argument("--data", required=True, type=Path, help='JSONL: {"text"} or {"prompt", "completion"} per line')
+    p.add_argument("--output", required=True, type=Path, help="folder for the PEFT adapter and metrics.jsonl")
+    p.add_argument("--epochs", type=int, default=4, help="default 4 (the paper's Table 6)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    p.add_argument("--targets", default=None, help="comma-separated target modules (default: PEFT's for the family)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (default 16)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example, longer ones truncated (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seeds LoRA init, data order and dropout (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the data file's order")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlora", description="Fine-tune an LLM with LoRA; your data stays on this device.")
+    p.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "WARNING"), help="default WARNING")
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_flags(sub.add_parser("train", help="fine-tune through dlora-cloud (split learning)"), split=True)
+    _train_flags(sub.add_parser("local-train", help="fine-tune with plain PEFT on this machine (the baseline)"), split=False)
+
+    e = sub.add_parser("eval", help="multiple-choice accuracy through dlora-cloud (forward only)")
+    e.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
+    e.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
+    e.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder from `dlora train` (default: base model)")
+    e.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt", "choices", "answer"} per line')
+    e.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    e.add_argument("--max-length", type=int, default=256, help="tokens per scored sequence (default 256)")
+    e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("prepare", help="make the offline real model or a task ready in the cache")
+    r.add_argument("name", help="smollm2-135m, a task (boolq, piqa, siqa, hellaswag, winogrande, openbookqa, "
+                                "arc_easy, arc_challenge, sst2) or all")
+    r.add_argument("--cache-dir", type=Path, default=None, help="default $DLORA_CACHE or ~/.cache/dlora")
+    r.add_argument("--seed", type=int, default=0, help="seed of the 25%%/75%% train/test split (default 0)")
+
+    d = sub.add_parser("demo", help="start a local cloud and fine-tune SmolLM2-135M on a real task")
+    d.add_argument("--task", default="arc_easy", help="prepared task to fine-tune on (default arc_easy)")
+    d.add_argument("--epochs", type=int, default=3, help="default 3")
+    d.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
+    d.add_argument("--test-items", type=int, default=300, help="test items scored before and after (default 300)")
+    d.add_argument("--cache-dir", type=Path, default=None, help="default $DLORA_CACHE or ~/.cache/dlora")
+    d.add_argument("--output", type=Path, default=Path("runs/demo"), help="default runs/demo")
+    return p
+
+
+def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
+    """The TrainConfig for train/local-train flags.
+
+    Raises:
+        ConfigError: a flag value is invalid, or --output already holds an adapter.
+    """
+    extra = {}
+    if split:
+        extra = dict(cloud=args.cloud, wire=args.wire, connect_timeout_s=args.connect_timeout,
+                     reply_timeout_s=args.reply_timeout, max_message_mb=args.max_message_mb)
+    try:
+        cfg = TrainConfig(
+            model=args.model, data=args.data, output=args.output, epochs=args.epochs, rank=args.rank,
+            alpha=args.alpha, lora_dropout=args.lora_dropout,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None,
+            lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+            max_length=args.max_length, seed=args.seed, shuffle=not args.no_shuffle,
+            progress=not args.no_progress, **extra,
+        )
+    except ValidationError as e:
+        raise flag_error(e) from None
+    if (cfg.output / "adapter_model.safetensors").exists() and not args.overwrite:
+        raise ConfigError(f"--output {cfg.output} already holds an adapter; choose another folder or pass --overwrite")
+    if not cfg.data.is_file():
+        raise ConfigError(f"--data {cfg.data}: no such file")
+    return cfg
+
+
+def _train(args: argparse.Namespace, split: bool) -> int:
+    from edge_client.engines import LocalEngine, SplitEngine
+    from edge_client.trainer import train
+
+    cfg = train_config(args, split)
+    engine = SplitEngine(cfg) if split else LocalEngine(cfg)
+    try:
+        result = train(cfg, engine)
+    finally:
+        engine.close()
+    losses = " ".join(f"{x:.4f}" for x in result.epoch_losses)
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s; loss per epoch: {losses}; adapter in {result.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from edge_client.adapter import LoraAdapter, read_adapter_config
+    from edge_client.evaluate import evaluate, load_items, split_hidden_fn
+    from edge_client.link import CloudLink
+    from edge_client.model_parts import EdgeModel
+
+    items = load_items(args.data, args.limit)
+    adapter = None
+    if args.adapter is not None:
+        acfg = read_adapter_config(args.adapter)
+        edge = EdgeModel(args.model, tuple(acfg.get("target_modules") or ()) or None)
+        adapter = LoraAdapter(edge, int(acfg["r"]), float(acfg["lora_alpha"]), 0.0)
+        adapter.load(args.adapter)
+        adapter.eval()
+    else:
+        edge = EdgeModel(args.model)
+    link = CloudLink(args.cloud, edge)
+    link.open()
+    try:
+        res = evaluate(edge, split_hidden_fn(link, adapter), items, args.max_length, progress=not args.no_progress)
+    finally:
+        link.close()
+    print(f"accuracy {res.accuracy:.4f} ({res.correct}/{res.total})")
+    if args.json:
+        args.json.write_text(json.dumps({"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
+                                         "predictions": res.predictions}, indent=1))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from edge_client.model_prep import SUPPORTED_MODELS, prepare_model
+    from edge_client.tasks import TASK_NAMES, prepare_task
+
+    cache = args.cache_dir or default_cache()
+    names = [*SUPPORTED_MODELS, *TASK_NAMES] if args.name == "all" else [args.name]
+    for name in names:
+        if name in SUPPORTED_MODELS:
+            print(prepare_model(name, cache))
+        elif name in TASK_NAMES:
+            print(prepare_task(name, cache, seed=args.seed))
+        else:
+            raise ConfigError(f"unknown name {name!r}; use one of {', '.join([*SUPPORTED_MODELS, *TASK_NAMES])} or all")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with logging_redirect_tqdm():
+            if args.command in ("train", "local-train"):
+                return _train(args, split=args.command == "train")
+            if args.command == "eval":
+                return _eval(args)
+            if args.command == "prepare":
+                return _prepare(args)
+            from edge_client.demo import run_demo
+
+            return run_demo(args, args.cache_dir or default_cache())
+    except RemoteError as e:
+        print(f"dlora: error: {e}", file=sys.stderr)
+        return 3
+    except DloraError as e:
+        print(f"dlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
