@@ -13,7 +13,7 @@ import grpc
 from pydantic import ValidationError
 
 from common.config import ServeConfig, flag_error
-from common.errors import ConfigError, DloraError
+from common.errors import DloraError
 
 log = logging.getLogger("dlora.cloud")
 

@@ -27,7 +27,7 @@ class CodecSpec:
     """One wire encoding."""
 
     name: str  # the --wire flag value
-    codec: int  # the dlora.v1.Codec enum value
+    codec: pb.Codec  # the dlora.v1.Codec enum value
     dtype: torch.dtype  # element type in Tensor.data
     bytes_per_element: int
 
@@ -57,7 +57,7 @@ def codec_spec(name: str) -> CodecSpec:
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) -> pb.Tensor:
@@ -89,8 +89,9 @@ def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[bytes, bytes]:
     pad = (-n) % block_size
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)  # (n_blocks, block)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
-    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-    q = torch.round(blocks * scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    # divide (not multiply by 127/absmax, which overflows for subnormal absmax); all-zero blocks stay 0
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    q = torch.round(blocks / safe[:, None] * 127.0).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
     return _raw_bytes(q), _raw_bytes(absmax)
 
 
@@ -169,4 +170,4 @@ def _int8_decode(msg: pb.Tensor, numel: int, what: str) -> torch.Tensor:
     q = _frombuffer(msg.data, torch.int8).to(torch.float32)
     pad = n_blocks * bs - numel
     blocks = torch.nn.functional.pad(q, (0, pad)).view(n_blocks, bs)
-    return (blocks * (absmax / 127.0)[:, None]).reshape(-1)[:numel]
+    return (blocks / 127.0 * absmax[:, None]).reshape(-1)[:numel]  # scale last: exact for subnormal absmax

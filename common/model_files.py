@@ -51,7 +51,9 @@ def load_config(model_dir: Path) -> PretrainedConfig:
         raise ConfigError(f"model folder {model_dir} has no config.json; {_FIX}")
     try:
         return AutoConfig.from_pretrained(str(model_dir))
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many unrelated types for a bad config.json
+        if isinstance(e, ConfigError):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model folder {model_dir}: config.json is not usable ({first}); {_FIX}") from e
 
@@ -84,11 +86,20 @@ def tensor_index(model_dir: Path) -> dict[str, TensorEntry]:
     index: dict[str, TensorEntry] = {}
     for path in files:
         header, base = _read_header(path)
+        size = path.stat().st_size
+        if not isinstance(header, dict):
+            raise ConfigError(f"{path} is not a safetensors file (header is not an object); {_FIX}")
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            start, end = info["data_offsets"]
-            index[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), base + start, base + end)
+            try:
+                start, end = (int(x) for x in info["data_offsets"])
+                entry = TensorEntry(path, str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + start, base + end)
+            except (TypeError, KeyError, ValueError, AttributeError):
+                raise ConfigError(f"{path}: tensor {name!r} has a malformed header entry; {_FIX}") from None
+            if not base <= entry.start <= entry.end <= size:
+                raise ConfigError(f"{path} is truncated or corrupt ({name!r} lies past its end); download it again")
+            index[name] = entry
     return index
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from edge_client.data import collate, load_examples
 from edge_client.engines import LocalEngine, SplitEngine
-from tiny_models import FAMILIES
 
 ALL_TARGETS = {
     "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
