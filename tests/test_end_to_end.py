@@ -95,3 +95,40 @@ def test_exported_adapter_gives_split_logits(tiny_dir, cloud, data_file, tmp_pat
     with torch.no_grad():
         ref = full(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(split_logits[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_two_sessions_at_once_on_one_cloud(tiny_dir, cloud, data_file, tmp_path):
+    """One cloud, two concurrent sessions with different targets and seeds: each equals its local run."""
+    import threading
+
+    from common.config import TrainConfig
+    from edge_client.engines import LocalEngine, SplitEngine
+    from edge_client.trainer import train
+
+    model_dir = tiny_dir("llama")
+    address = cloud(model_dir)
+    cfgs = [TrainConfig(model=model_dir, data=data_file, output=tmp_path / f"s{i}", cloud=address, epochs=2,
+                        batch_size=4, lr=1e-2, seed=i, targets=t, lora_dropout=0.0, progress=False)
+            for i, t in enumerate([("q_proj", "v_proj"), ("down_proj",)])]
+    engines = [SplitEngine(c) for c in cfgs]
+    errors: list[BaseException] = []
+
+    def run(cfg, engine):
+        try:
+            train(cfg, engine)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c, e)) for c, e in zip(cfgs, engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for cfg in cfgs:
+        local_cfg = cfg.model_copy(update={"cloud": None, "output": cfg.output.with_name(cfg.output.name + "-local")})
+        train(local_cfg, LocalEngine(local_cfg))
+        a = load_file(str(cfg.output / "adapter_model.safetensors"))
+        b = load_file(str(local_cfg.output / "adapter_model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
