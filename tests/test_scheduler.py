@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cloud_server.scheduler import (
+from common.scheduler import (
     Decision,
     KRConfig,
     KRState,

@@ -28,12 +28,14 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from common.errors import ConfigError, ProtocolError
 
-class SchedulerConfigError(ValueError):
+
+class SchedulerConfigError(ConfigError):
     """A Kill-and-Revive setting is out of range; the message names its flag."""
 
 
-class SchedulerInputError(ValueError):
+class SchedulerInputError(ProtocolError):
     """A report or a stored state does not fit the scheduler's state or config."""
 
 
