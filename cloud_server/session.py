@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack, active_step
 from common import codecs
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.scheduler import KRConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,12 @@ class SessionSpec:
     codec_up: str
     codec_down: str
     block_size_down: int
+    kr: KRConfig
+
+    def record(self, fingerprint: str, targets: list[str]) -> dict:
+        """What must match when an edge resumes this session (stored in Redis)."""
+        return {"fingerprint": fingerprint, "targets": list(targets), "codec_up": self.codec_up,
+                "codec_down": self.codec_down, "kr": self.kr.__dict__}
 
 
 class EdgeLink:
@@ -236,7 +244,15 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
     codec_down = codecs.BY_ENUM[hello.codec_down].name if hello.codec_down in codecs.BY_ENUM else ""
     if codec_up not in codecs.WIRE_CODECS or codec_down not in codecs.WIRE_CODECS:
         raise ProtocolError(f"unsupported codecs up={hello.codec_up} down={hello.codec_down}")
-    return SessionSpec(session_id, groups, widths, codec_up, codec_down, hello.block_size_down or codecs.DEFAULT_BLOCK_SIZE)
+    kr = KRConfig(
+        num_layers=stack.num_layers,
+        warmup_epochs=hello.warmup_epochs if hello.HasField("warmup_epochs") else 1,
+        budget=hello.budget or None,
+        revive=hello.revive,
+        kill_threshold=hello.kill_threshold or None,
+    )
+    block = hello.block_size_down or codecs.DEFAULT_BLOCK_SIZE
+    return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr)
 
 
 def check_begin(begin: pb.StepBegin, spec: SessionSpec, stack: DecoderStack, max_tokens: int):  # type: ignore[no-untyped-def]
@@ -261,11 +277,39 @@ def check_begin(begin: pb.StepBegin, spec: SessionSpec, stack: DecoderStack, max
     return emb, mask.to(torch.long), (b, t)
 
 
-def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int) -> None:
-    """Serve StepBegins until the edge closes the stream. Bad input abandons one step, not the session."""
+def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeout_s: float) -> pb.CloudMessage:
+    """Publish an epoch report to the scheduler's queue and turn its decision into a KRCommand.
+
+    Raises:
+        ProtocolError: the report is malformed or the scheduler refused it.
+    """
+    if len(report.layers) != len(report.deltas) or any(x >= spec.kr.num_layers for x in report.layers):
+        raise ProtocolError(f"epoch report {report.epoch}: layers and deltas must pair up, layers < {spec.kr.num_layers}")
+    kr.submit(spec.session_id, report.epoch, dict(zip(report.layers, report.deltas)))
+    decision = kr.wait_command(spec.session_id, report.epoch, timeout_s)
+    if "error" in decision:
+        raise ProtocolError(f"epoch report {report.epoch}: {decision['error']}")
+    return pb.CloudMessage(kr_command=pb.KRCommand(
+        epoch=report.epoch, active=decision["active"], killed=decision["killed"],
+        revived=decision["revived"], next_active=decision["next_active"]))
+
+
+def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue) -> None:
+    """Serve steps and epoch reports until the edge closes the stream.
+
+    Bad input abandons one step (or report), not the session.
+    """
     while (msg := link.recv()) is not None:
-        if msg.WhichOneof("kind") != "step_begin":
-            raise ProtocolError(f"expected step_begin between steps, got {msg.WhichOneof('kind')}")
+        kind = msg.WhichOneof("kind")
+        if kind == "epoch_report":
+            try:
+                link.send(answer_report(msg.epoch_report, spec, kr, link.reply_timeout_s))
+            except ProtocolError as e:
+                log.warning("session %s: %s", spec.session_id, e)
+                link.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))
+            continue
+        if kind != "step_begin":
+            raise ProtocolError(f"expected step_begin or epoch_report between steps, got {kind}")
         begin = msg.step_begin
         started = time.perf_counter()
         try:

