@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from common.config import TrainConfig
-from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig, decide, initial_state
 from common.wire_cost import step_cost
 from edge_client.data import collate, load_examples
