@@ -112,9 +112,10 @@ class StepRun:
     """One micro-batch: routes slot calls to the edge and checks every reply."""
 
     def __init__(
-        self, spec: SessionSpec, link: EdgeLink, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int]
+        self, spec: SessionSpec, link: EdgeLink, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int],
+        inbox: queue.Queue[pb.EdgeMessage | None],
     ) -> None:
-        self.spec, self.link, self.stack = spec, link, stack
+        self.spec, self.link, self.stack, self.inbox = spec, link, stack, inbox
         self.step, self.mb = begin.step, begin.micro_batch
         self.roles = list(begin.layer_roles)
         self.train = begin.train
@@ -183,7 +184,10 @@ class StepRun:
         ).to(grad.device)
 
     def _expect(self, kind: str, layer: int | None = None, group: int | None = None):  # type: ignore[no-untyped-def]
-        msg = self.link.recv()
+        try:
+            msg = self.inbox.get(timeout=self.link.reply_timeout_s)
+        except queue.Empty:
+            raise SessionError(f"the edge sent nothing for {self.link.reply_timeout_s:.0f}s during step {self.step}") from None
         if msg is None:
             raise _StreamClosed()
         got = msg.WhichOneof("kind")
@@ -294,33 +298,91 @@ def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeou
         revived=decision["revived"], next_active=decision["next_active"]))
 
 
-def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue) -> None:
-    """Serve steps and epoch reports until the edge closes the stream.
+class _MicroBatchThread(threading.Thread):
+    """Runs one micro-batch; the session loop feeds it the edge's replies through `inbox`."""
 
-    Bad input abandons one step (or report), not the session.
-    """
-    while (msg := link.recv()) is not None:
-        kind = msg.WhichOneof("kind")
-        if kind == "epoch_report":
-            try:
-                link.send(answer_report(msg.epoch_report, spec, kr, link.reply_timeout_s))
-            except ProtocolError as e:
-                log.warning("session %s: %s", spec.session_id, e)
-                link.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))
-            continue
-        if kind != "step_begin":
-            raise ProtocolError(f"expected step_begin or epoch_report between steps, got {kind}")
-        begin = msg.step_begin
+    def __init__(self, link: EdgeLink, stack: DecoderStack, spec: SessionSpec, begin: pb.StepBegin, max_tokens: int,
+                 on_exit: object) -> None:
+        super().__init__(daemon=True, name=f"step-{spec.session_id}-{begin.step}-{begin.micro_batch}")
+        self.link, self.stack, self.spec, self.begin, self.max_tokens = link, stack, spec, begin, max_tokens
+        self.inbox: queue.Queue[pb.EdgeMessage | None] = queue.Queue()
+        self.on_exit = on_exit
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        begin = self.begin
         started = time.perf_counter()
         try:
-            emb, mask, shape = check_begin(begin, spec, stack, max_tokens)
-            StepRun(spec, link, stack, begin, shape).execute(emb, mask)
+            emb, mask, shape = check_begin(begin, self.spec, self.stack, self.max_tokens)
+            StepRun(self.spec, self.link, self.stack, begin, shape, self.inbox).execute(emb, mask)
+            self.link.send(pb.CloudMessage(step_done=pb.StepDone(
+                step=begin.step, micro_batch=begin.micro_batch, cloud_seconds=time.perf_counter() - started)))
         except ProtocolError as e:
-            log.warning("session %s step %d: %s", spec.session_id, begin.step, e)
-            link.send(pb.CloudMessage(step_error=pb.StepError(
+            log.warning("session %s step %d/%d: %s", self.spec.session_id, begin.step, begin.micro_batch, e)
+            self.link.send(pb.CloudMessage(step_error=pb.StepError(
                 step=begin.step, micro_batch=begin.micro_batch, code="INVALID_ARGUMENT", message=str(e))))
-            continue
         except _StreamClosed:
-            return
-        link.send(pb.CloudMessage(step_done=pb.StepDone(
-            step=begin.step, micro_batch=begin.micro_batch, cloud_seconds=time.perf_counter() - started)))
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the session loop, which ends the session
+            self.failure = e
+        finally:
+            self.on_exit(self)  # type: ignore[operator]
+
+
+def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue) -> None:
+    """Serve micro-batches (concurrently, one thread each) and epoch reports until the edge closes the stream.
+
+    Bad input abandons one micro-batch (or report), not the session.
+
+    Raises:
+        SessionError: the edge went silent in the middle of a step.
+    """
+    running: dict[tuple[int, int], _MicroBatchThread] = {}
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def finished(t: _MicroBatchThread) -> None:
+        with lock:
+            running.pop((t.begin.step, t.begin.micro_batch), None)
+            if t.failure is not None:
+                failures.append(t.failure)
+
+    try:
+        while (msg := link.recv()) is not None:
+            if failures:
+                raise failures[0]
+            kind = msg.WhichOneof("kind")
+            body = getattr(msg, kind)
+            if kind == "epoch_report":
+                try:
+                    with lock:
+                        if running:
+                            raise ProtocolError("epoch report while micro-batches are still running")
+                    link.send(answer_report(body, spec, kr, link.reply_timeout_s))
+                except ProtocolError as e:
+                    log.warning("session %s: %s", spec.session_id, e)
+                    link.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))
+            elif kind == "step_begin":
+                key = (body.step, body.micro_batch)
+                with lock:
+                    if key in running:
+                        raise ProtocolError(f"step {body.step} micro-batch {body.micro_batch} is already running")
+                    t = _MicroBatchThread(link, stack, spec, body, max_tokens, finished)
+                    running[key] = t
+                t.start()
+            elif kind in ("lora_delta", "hidden_grad", "lora_grad"):
+                with lock:
+                    t = running.get((body.step, body.micro_batch))
+                if t is None:
+                    log.warning("session %s: %s for step %d/%d, which is not running; ignored",
+                                spec.session_id, kind, body.step, body.micro_batch)
+                else:
+                    t.inbox.put(msg)
+            else:
+                raise ProtocolError(f"unexpected {kind} in a session")
+        if failures:
+            raise failures[0]
+    finally:
+        with lock:
+            for t in running.values():
+                t.inbox.put(None)

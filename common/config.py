@@ -58,6 +58,7 @@ class TrainConfig(_Frozen):
     seed: int = 0
     shuffle: bool = True
     wire: str = "float32"  # codec for both directions
+    micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(512, ge=4)

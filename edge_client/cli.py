@@ -29,6 +29,8 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
         p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
         p.add_argument("--wire", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                        help="codec for activations and gradients on the wire (default float32)")
+        p.add_argument("--micro-batches", type=int, default=1,
+                       help="split each batch into M micro-batches that overlap on the wire (default 1)")
         p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the cloud (default 15)")
         p.add_argument("--reply-timeout", type=float, default=600.0, help="longest wait for one cloud message (default 600)")
         p.add_argument("--max-message-mb", type=int, default=512, help="gRPC message size limit in MB (default 512)")
@@ -105,7 +107,7 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
         revive=args.revive, kill_threshold=args.kill_threshold, kill_mode=args.kill_mode,
     )
     if split:
-        extra.update(cloud=args.cloud, wire=args.wire, connect_timeout_s=args.connect_timeout,
+        extra.update(cloud=args.cloud, wire=args.wire, micro_batches=args.micro_batches, connect_timeout_s=args.connect_timeout,
                      reply_timeout_s=args.reply_timeout, max_message_mb=args.max_message_mb)
     try:
         cfg = TrainConfig(

@@ -25,7 +25,7 @@ from common.scheduler import Decision
 from edge_client.adapter import LoraAdapter, lora_config
 from edge_client.data import Batch, lm_loss
 from edge_client.kill_revive import LocalScheduler, kr_config
-from edge_client.link import CloudLink, Traffic
+from edge_client.link import CloudLink, MicroBatch, Traffic
 from edge_client.model_parts import EdgeModel
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class SplitEngine:
         self.link = CloudLink(cfg.cloud, self.edge, cfg.wire, cfg.connect_timeout_s, cfg.reply_timeout_s,
                               cfg.max_message_mb, kr_config(cfg, self.num_layers))
         self.link.open()
+        self.micro_batches = cfg.micro_batches
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.adapter.named_lora_parameters()]
@@ -80,19 +81,27 @@ class SplitEngine:
         return self.link.report_epoch(epoch, deltas)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
-        n_tokens = batch.label_tokens
+        """One optimizer step's loss and gradients, as `micro_batches` overlapped micro-batches."""
+        n_tokens = batch.label_tokens  # the whole batch's: micro-batch losses add up to its mean
         losses: list[float] = []
+        parts = []
+        for ids, mask, labels in zip(*(t.tensor_split(self.micro_batches) for t in
+                                       (batch.input_ids, batch.attention_mask, batch.labels))):
+            if ids.shape[0] == 0:
+                continue
+            width = int(mask.sum(dim=1).max())  # drop the padding columns this micro-batch does not need
+            ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
 
-        def on_hidden(h: torch.Tensor) -> torch.Tensor:
-            h = h.detach().requires_grad_(True)  # (B, T, E_out)
-            loss = lm_loss(self.edge.logits(h), batch.labels, n_tokens)
-            loss.backward()
-            losses.append(float(loss))
-            return h.grad  # type: ignore[return-value]
+            def on_hidden(h: torch.Tensor, labels: torch.Tensor = labels) -> torch.Tensor:
+                h = h.detach().requires_grad_(True)  # (b, t, E_out)
+                loss = lm_loss(self.edge.logits(h), labels, n_tokens)
+                loss.backward()
+                losses.append(float(loss.detach()))
+                return h.grad  # type: ignore[return-value]
 
-        with torch.no_grad():
-            emb = self.edge.embed(batch.input_ids)  # (B, T, E)
-        traffic = self.link.run_step(step, 0, emb, batch.attention_mask, roles, True, self.adapter, on_hidden)
+            with torch.no_grad():
+                parts.append(MicroBatch(self.edge.embed(ids), mask, on_hidden))  # (b, t, E)
+        traffic = self.link.run_micro_batches(step, parts, roles, True, self.adapter)
         return sum(losses), traffic
 
     def recover(self) -> None:
@@ -164,7 +173,7 @@ class LocalEngine:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         loss = lm_loss(logits, batch.labels, batch.label_tokens)
         loss.backward()
-        return float(loss), Traffic()
+        return float(loss.detach()), Traffic()
 
     def recover(self) -> None:
         pass

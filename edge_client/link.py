@@ -32,6 +32,15 @@ _END = object()
 HiddenCallback = Callable[[torch.Tensor], torch.Tensor | None]
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a step, as the link sends it."""
+
+    embeddings: torch.Tensor  # (B, T, E)
+    attention_mask: torch.Tensor  # (B, T)
+    on_hidden: HiddenCallback
+
+
 @dataclass
 class Traffic:
     """Bytes of one micro-batch by direction: tensor payload, and whole serialized messages."""
@@ -173,34 +182,47 @@ class CloudLink:
         return Decision(epoch=epoch, active=tuple(c.active), deltas=deltas, killed=tuple(c.killed),
                         revived=tuple(c.revived), next_active=tuple(c.next_active))
 
-    # -- one micro-batch
+    # -- steps
     def run_step(self, step: int, mb: int, embeddings: torch.Tensor, attention_mask: torch.Tensor,
                  roles: list[int], train: bool, adapter: LoraAdapter | None, on_hidden: HiddenCallback) -> Traffic:
-        """Run one micro-batch through the cloud; returns its traffic.
+        """Run one micro-batch through the cloud; see run_micro_batches."""
+        return self.run_micro_batches(step, [MicroBatch(embeddings, attention_mask, on_hidden)], roles, train,
+                                      adapter, first_mb=mb)
 
-        on_hidden(h) gets the final hidden states (B, T, E_out) and returns dL/dh when training.
+    def run_micro_batches(self, step: int, parts: list[MicroBatch], roles: list[int], train: bool,
+                          adapter: LoraAdapter | None, first_mb: int = 0) -> Traffic:
+        """Run micro-batches through the cloud at once; returns their traffic.
+
+        All StepBegins go out first, so the cloud computes one micro-batch while this side answers
+        another's LoRA calls. Each part's on_hidden(h) gets its final hidden states (B, T, E_out) and
+        returns dL/dh when training; LoRA gradients of all parts accumulate.
         """
         traffic = Traffic()
-        b, t = attention_mask.shape
-        self._send(pb.EdgeMessage(step_begin=pb.StepBegin(
-            step=step, micro_batch=mb, train=train, layer_roles=roles,
-            embeddings=codecs.encode(embeddings, self.wire),
-            attention_mask=codecs.encode(attention_mask, "uint8"),
-        )), traffic)
+        shapes = {first_mb + i: tuple(p.attention_mask.shape) for i, p in enumerate(parts)}
+        for i, part in enumerate(parts):
+            self._send(pb.EdgeMessage(step_begin=pb.StepBegin(
+                step=step, micro_batch=first_mb + i, train=train, layer_roles=roles,
+                embeddings=codecs.encode(part.embeddings, self.wire),
+                attention_mask=codecs.encode(part.attention_mask, "uint8"),
+            )), traffic)
+        pending = set(shapes)
         try:
-            while True:
+            while pending:
                 msg = self._recv(traffic)
                 kind = msg.WhichOneof("kind")
                 body = getattr(msg, kind)
                 if kind == "step_error":
+                    self.close()  # other micro-batches may still be in flight: this stream is spent
                     raise RemoteError(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
-                if (body.step, body.micro_batch) != (step, mb):
-                    raise ProtocolError(f"cloud sent {kind} for step {body.step}/{body.micro_batch} during {step}/{mb}")
+                mb = getattr(body, "micro_batch", -1)
+                if getattr(body, "step", -1) != step or mb not in pending:
+                    raise ProtocolError(f"cloud sent {kind} for step {getattr(body, 'step', '?')}/{mb} during step {step}")
+                b, t = shapes[mb]
                 if kind == "lora_forward":
                     self._answer_forward(body, b, t, roles, train, adapter, traffic)
                 elif kind == "hidden":
                     h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire)
-                    grad = on_hidden(h)
+                    grad = parts[mb - first_mb].on_hidden(h)
                     if train:
                         if grad is None:
                             raise ValueError("on_hidden must return dL/dh when training")
@@ -209,9 +231,10 @@ class CloudLink:
                 elif kind == "lora_backward":
                     self._answer_backward(body, b, t, adapter, traffic)
                 elif kind == "step_done":
-                    return traffic
+                    pending.discard(mb)
                 else:
                     raise ProtocolError(f"cloud sent {kind} in the middle of step {step}")
+            return traffic
         finally:
             if adapter is not None:
                 adapter.discard_pending()

@@ -1,0 +1,96 @@
+"""Kill-and-Revive on the real model: accuracy and bytes per epoch for several budgets and kill modes.
+
+Usage: python bench/kr_sweep.py [--task arc_easy] [--budgets 30,15,8] [--revive 2] [--out docs/kr_sweep.json]
+
+Training runs with `local-train` (the same policy and kill modes as the split path, in one process);
+accuracy is measured through a local dlora-cloud, as `dlora eval` does; bytes per epoch are the
+DESIGN.md formula (common/wire_cost.py) applied to every step's batch shape and the epoch's layer
+roles — the tests check that formula byte-exact against measured traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common.config import TrainConfig
+from common.wire_cost import step_cost
+from edge_client.adapter import LoraAdapter
+from edge_client.cli import default_cache
+from edge_client.demo import MODEL, TARGETS, CloudProcess
+from edge_client.engines import LocalEngine
+from edge_client.evaluate import evaluate, load_items, split_hidden_fn
+from edge_client.kill_revive import layer_roles
+from edge_client.link import CloudLink
+from edge_client.model_parts import EdgeModel
+from edge_client.model_prep import prepare_model
+from edge_client.tasks import prepare_task
+from edge_client.trainer import train
+
+
+def bytes_per_epoch(out: Path, edge: EdgeModel, mode: str, wire: str = "float32") -> list[int]:
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kr = [json.loads(line) for line in (out / "kr_log.jsonl").read_text().splitlines()]
+    groups = [(576, sum(t.out_features for t in edge.targets if t.layer == 0))]
+    totals = []
+    for epoch, decision in enumerate(kr, 1):
+        roles = layer_roles(set(decision["active"]), edge.num_layers, mode)  # type: ignore[arg-type]
+        total = 0
+        for m in (m for m in metrics if m["epoch"] == epoch):
+            b, t = m["batch_shape"]
+            c = step_cost(b * t, edge.embed_width, edge.head_width, groups, roles, True, wire, 4096)
+            total += c.up + c.down
+        totals.append(total)
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="arc_easy")
+    ap.add_argument("--budgets", default="30,15,8")
+    ap.add_argument("--modes", default="frozen,detached,dropped")
+    ap.add_argument("--revive", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--test-items", type=int, default=300)
+    ap.add_argument("--runs", type=Path, default=Path("runs/kr_sweep"))
+    ap.add_argument("--out", type=Path, default=Path("docs/kr_sweep.json"))
+    args = ap.parse_args()
+    cache = default_cache()
+    model_dir, task_dir = prepare_model(MODEL, cache), prepare_task(args.task, cache)
+    items = load_items(task_dir / "test.jsonl", args.test_items)
+    edge = EdgeModel(model_dir, TARGETS)
+    results = []
+    cloud = CloudProcess(model_dir)
+    try:
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            modes = ["all"] if budget >= edge.num_layers else args.modes.split(",")
+            for mode in modes:
+                out = args.runs / f"b{budget}-{mode}"
+                cfg = TrainConfig(model=model_dir, data=task_dir / "train.jsonl", output=out, epochs=args.epochs,
+                                  lr=args.lr, targets=TARGETS, budget=budget, revive=args.revive, warmup_epochs=1,
+                                  kill_mode="detached" if mode == "all" else mode, progress=False)
+                t0 = time.perf_counter()
+                result = train(cfg, LocalEngine(cfg, edge))
+                adapter = LoraAdapter(edge, cfg.rank, cfg.alpha, 0.0)
+                adapter.load(out)
+                adapter.eval()
+                link = CloudLink(cloud.address, edge)
+                link.open()
+                acc = evaluate(edge, split_hidden_fn(link, adapter), items, progress=False).accuracy
+                link.close()
+                row = {"budget": budget, "mode": mode, "accuracy": acc, "epoch_losses": result.epoch_losses,
+                       "bytes_per_epoch": bytes_per_epoch(out, edge, cfg.kill_mode), "seconds": time.perf_counter() - t0,
+                       "active_per_epoch": [len(json.loads(x)["active"]) for x in (out / "kr_log.jsonl").read_text().splitlines()]}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                args.out.write_text(json.dumps({"task": args.task, "test_items": len(items), "revive": args.revive,
+                                                "epochs": args.epochs, "lr": args.lr, "rows": results}, indent=1))
+    finally:
+        cloud.stop()
+
+
+if __name__ == "__main__":
+    main()
