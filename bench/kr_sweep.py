@@ -19,7 +19,8 @@ from common.config import TrainConfig
 from common.wire_cost import step_cost
 from edge_client.adapter import LoraAdapter
 from edge_client.cli import default_cache
-from edge_client.demo import MODEL, TARGETS, CloudProcess
+from edge_client.cloud_process import CloudProcess
+from edge_client.demo import MODEL, TARGETS
 from edge_client.engines import LocalEngine
 from edge_client.evaluate import evaluate, load_items, split_hidden_fn
 from edge_client.kill_revive import layer_roles

@@ -91,6 +91,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    sys.setswitchinterval(float(os.environ.get("DLORA_GIL_SWITCH_S", "0.005")))
     level = getattr(args, "log_level", "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -84,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", type=Path, default=None, help="default $DLORA_CACHE or ~/.cache/dlora")
     r.add_argument("--seed", type=int, default=0, help="seed of the 25%%/75%% train/test split (default 0)")
 
+    b = sub.add_parser("bench", help="measure the split against local PEFT training, side by side")
+    b.add_argument("--model", type=Path, default=None,
+                   help="model folder (default: a LLaMA-shaped random-weight model, ~34M parameters)")
+    b.add_argument("--steps", type=int, default=6, help="timed steps per configuration, after one warm-up (default 6)")
+    b.add_argument("--batch-size", type=int, default=8, help="default 8")
+    b.add_argument("--seq-len", type=int, default=128, help="default 128")
+    b.add_argument("--wires", default="float32,bfloat16,int8", help="codecs to measure (default float32,bfloat16,int8)")
+    b.add_argument("--budgets", default="all,L/2,L/4", help="active modules: all, L/N or a number (default all,L/2,L/4)")
+    b.add_argument("--micro-batches", default="1", help="comma-separated M values (default 1)")
+    b.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"], help="default detached")
+    b.add_argument("--wan", default=None, metavar="DELAY,RATE",
+                   help="emulate a device link, e.g. 10ms,100mbit (one-way delay, rate per direction)")
+    b.add_argument("--cloud-device", default="cpu", choices=["cpu", "cuda"], help="where the cloud runs (default cpu)")
+    b.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32")
+    b.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    b.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here")
+
     d = sub.add_parser("demo", help="start a local cloud and fine-tune SmolLM2-135M on a real task")
     d.add_argument("--task", default="arc_easy", help="prepared task to fine-tune on (default arc_easy)")
     d.add_argument("--epochs", type=int, default=3, help="default 3")
@@ -200,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _eval(args)
             if args.command == "prepare":
                 return _prepare(args)
+            if args.command == "bench":
+                from edge_client.bench import run_bench
+
+                return run_bench(args, default_cache())
             from edge_client.demo import run_demo
 
             return run_demo(args, args.cache_dir or default_cache())

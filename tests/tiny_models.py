@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
-from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -16,9 +14,10 @@ from transformers import (
     MistralConfig,
     OPTConfig,
     PretrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from edge_client.synthetic import byte_tokenizer
 
 VOCAB = 260  # 256 byte tokens + <eos> + <pad>, rounded up
 LAYERS = 3
@@ -41,17 +40,6 @@ def tiny_config(family: str, layers: int = LAYERS) -> PretrainedConfig:
         return GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                              max_position_embeddings=128, tie_word_embeddings=False, **common)
     raise ValueError(family)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with a 258-token vocabulary (no merges)."""
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["<eos>"], vocab["<pad>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 def save_tiny_model(family: str, path: Path, seed: int = 0, layers: int = LAYERS) -> Path:

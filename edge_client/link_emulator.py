@@ -1,0 +1,127 @@
+"""A device link for the bench: one-way delay and a rate limit on loopback.
+
+Kernel netem (network namespaces + veth + `tc qdisc ... netem`) is the usual tool, and `netem_status`
+says whether this machine has it. Where it does not (a kernel without sch_netem), `LinkEmulator`
+emulates the link in user space: a TCP relay on 127.0.0.1 that serialises each direction at RATE
+and delivers every chunk DELAY after it left, like a link with that bandwidth and propagation delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import threading
+import time
+import uuid
+
+from common.errors import ConfigError
+
+_CHUNK = 64 * 1024
+
+
+def parse_wan(spec: str) -> tuple[float, float]:
+    """"10ms,100mbit" -> (0.010 s one-way delay, 12.5e6 bytes/s).
+
+    Raises:
+        ConfigError: not DELAY,RATE with units ms|s and kbit|mbit|gbit.
+    """
+    m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s)\s*,\s*([\d.]+)\s*(kbit|mbit|gbit)\s*", spec.lower())
+    if not m:
+        raise ConfigError(f"--wan={spec!r}: use DELAY,RATE such as 10ms,100mbit")
+    delay = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    rate = float(m.group(3)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(4)] / 8
+    if rate <= 0:
+        raise ConfigError(f"--wan={spec!r}: the rate must be > 0")
+    return delay, rate
+
+
+def netem_status() -> str:
+    """'available', or one line saying why kernel netem cannot be used here."""
+    if os.geteuid() != 0:
+        return "not root, so no network namespaces or tc"
+    name = "dlnm" + uuid.uuid4().hex[:6]
+    try:
+        subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True,
+                       capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "cannot create a veth pair (no iproute2 or no permission)"
+    try:
+        r = subprocess.run(["tc", "qdisc", "add", "dev", name, "root", "netem", "delay", "1ms"],
+                           capture_output=True, text=True, timeout=10)
+        return "available" if r.returncode == 0 else f"this kernel has no netem qdisc ({r.stderr.strip()})"
+    except (OSError, subprocess.SubprocessError):
+        return "no tc command"
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
+
+
+class _Direction:
+    """One direction of the link: serialisation at `rate`, then `delay` of flight."""
+
+    def __init__(self, delay: float, rate: float) -> None:
+        self.delay, self.rate, self.free_at = delay, rate, 0.0
+
+    def departure(self, now: float, size: int) -> float:
+        self.free_at = max(now, self.free_at) + size / self.rate
+        return self.free_at + self.delay
+
+
+class LinkEmulator:
+    """A TCP relay 127.0.0.1:port -> upstream with a delayed, rate-limited link in each direction."""
+
+    def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float) -> None:
+        self.upstream_host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.delay, self.rate = delay_s, rate_bytes_s
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="link-emulator")
+        self._thread.start()
+        self._ready.wait(10)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+        await asyncio.gather(
+            self._pump(reader, up_writer, _Direction(self.delay, self.rate)),
+            self._pump(up_reader, writer, _Direction(self.delay, self.rate)),
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Direction) -> None:
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await queue.get()) is not None:
+                at, data = item
+                wait = at - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(_CHUNK):
+                await queue.put((link.departure(time.monotonic(), len(data)), data))
+        except (ConnectionError, OSError):
+            pass
+        await queue.put(None)
+        try:
+            await sender
+        except (ConnectionError, OSError):
+            pass
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
