@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from common.config import KillMode, TrainConfig
-from common.scheduler import Decision
+from common.scheduler import Decision, KRState
 from edge_client.adapter import LoraAdapter, lora_config
 from edge_client.data import Batch, lm_loss
 from edge_client.kill_revive import LocalScheduler, kr_config
@@ -37,7 +37,12 @@ class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
     num_layers: int
 
+    session_id: str
+
     def parameters(self) -> list[nn.Parameter]: ...
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
+    def scheduler_state(self) -> str | None: ...
+    def resume(self, session_id: str, scheduler_state: str | None) -> None: ...
     def params_by_layer(self) -> dict[int, list[nn.Parameter]]: ...
     def set_active(self, active: set[int], mode: KillMode) -> None: ...
     def report_epoch(self, epoch: int, deltas: dict[int, float]) -> Decision: ...
@@ -62,8 +67,24 @@ class SplitEngine:
         self.link.open()
         self.micro_batches = cfg.micro_batches
 
+    @property
+    def session_id(self) -> str:
+        return self.link.session_id
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.adapter.named_lora_parameters()]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return self.adapter.named_lora_parameters()
+
+    def scheduler_state(self) -> str | None:
+        return None  # the cloud keeps it, under the session id
+
+    def resume(self, session_id: str, scheduler_state: str | None) -> None:
+        """Continue the checkpoint's cloud session (its Kill-and-Revive state lives there)."""
+        if session_id and session_id != self.link.session_id:
+            self.link.session_id = session_id
+            self.link.open()
 
     def params_by_layer(self) -> dict[int, list[nn.Parameter]]:
         out: dict[int, list[nn.Parameter]] = {}
@@ -128,6 +149,8 @@ class LocalEngine:
         self.model = get_peft_model(base, lora_config(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout))
         own = dict(self.model.named_parameters())
         self._params: list[nn.Parameter] = []
+        self._names = [key for key, _ in init.named_lora_parameters()]  # PEFT adapter keys, as the split names them
+        self.session_id = ""
         with torch.no_grad():
             for key, value in init.named_lora_parameters():
                 name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
@@ -144,6 +167,16 @@ class LocalEngine:
 
     def parameters(self) -> list[nn.Parameter]:
         return self._params
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(zip(self._names, self._params))
+
+    def scheduler_state(self) -> str | None:
+        return self.scheduler.state.to_json()
+
+    def resume(self, session_id: str, scheduler_state: str | None) -> None:
+        if scheduler_state:
+            self.scheduler.state = KRState.from_json(scheduler_state)
 
     def params_by_layer(self) -> dict[int, list[nn.Parameter]]:
         out: dict[int, list[nn.Parameter]] = {}

@@ -16,6 +16,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common.config import TrainConfig
 from common.errors import RETRYABLE, RemoteError
+from edge_client import checkpoint
 from edge_client.data import epoch_batches, load_examples, steps_per_epoch
 from edge_client.engines import Engine
 from edge_client.kill_revive import DeltaMeter, layer_roles
@@ -56,12 +57,30 @@ def _with_retry(engine: Engine, what: str, fn: Callable[[], T], params: list) ->
     raise RemoteError("UNAVAILABLE", f"{what}: gave up after {MAX_RETRIES} retries")
 
 
-def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
-    """Fine-tune and write the adapter, metrics.jsonl and run_config.json into cfg.output.
+class Stopped(Exception):
+    """should_stop() said so; the run can continue from its last checkpoint."""
+
+
+def _keep_lines(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Drop the lines a resumed run will write again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and keep(json.loads(line))]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(cfg: TrainConfig, engine: Engine, checkpoints: Path | None = None,
+          observer: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune and write the adapter, metrics.jsonl, kr_log.jsonl and run_config.json into cfg.output.
+
+    With `checkpoints`, a checkpoint is written there at the end of every epoch, and a run that finds
+    one continues from it exactly (weights, optimizer, schedule, data order, RNG, active modules, the
+    cloud session). `observer` gets every step's metrics row and every epoch's decision;
+    `should_stop` is polled after every step.
 
     Raises:
-        ConfigError: bad data file.
+        ConfigError: bad data file, or a checkpoint of another run.
         RemoteError: the cloud failed in a way a retry does not fix.
+        Stopped: should_stop() returned True.
     """
     started = time.perf_counter()
     examples = load_examples(cfg.data, engine.tokenizer, cfg.max_length)
@@ -76,14 +95,25 @@ def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
     layers = engine.num_layers
     active = set(range(layers))
     meter = DeltaMeter(engine.params_by_layer())
+    named = engine.named_parameters()
     log.info("%d examples, %d steps per epoch, %d epochs", len(examples), per_epoch, cfg.epochs)
 
     torch.manual_seed(cfg.seed)  # LoRA dropout draws: the same sequence on every path
-    step, epoch_losses = 0, []
-    with (cfg.output / "metrics.jsonl").open("w") as metrics, (cfg.output / "kr_log.jsonl").open("w") as kr_log, tqdm(
-        total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True
+    step, first_epoch, epoch_losses = 0, 0, []
+    ck = checkpoint.load_latest(checkpoints) if checkpoints else None
+    if ck is not None:
+        ck.restore(named, opt)
+        sched.load_state_dict(ck.state.scheduler)
+        step, first_epoch, epoch_losses = ck.state.step, ck.state.epochs_done, list(ck.state.epoch_losses)
+        active = set(ck.state.active)
+        engine.resume(ck.state.session_id, ck.state.kr_state)
+        log.info("resuming from %s: epoch %d done, step %d", ck.folder.name, first_epoch, step)
+    _keep_lines(cfg.output / "metrics.jsonl", lambda row: row["step"] <= step)
+    _keep_lines(cfg.output / "kr_log.jsonl", lambda row: row["epoch"] <= first_epoch)
+    with (cfg.output / "metrics.jsonl").open("a") as metrics, (cfg.output / "kr_log.jsonl").open("a") as kr_log, tqdm(
+        total=total, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True
     ) as bar:
-        for epoch in range(cfg.epochs):
+        for epoch in range(first_epoch, cfg.epochs):
             engine.set_active(active, cfg.kill_mode)
             roles = layer_roles(active, layers, cfg.kill_mode)
             meter.start(active)
@@ -112,6 +142,10 @@ def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
                          len(active), layers, traffic.wire_up / 1e6, traffic.wire_down / 1e6, dt)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", active=f"{len(active)}/{layers}")
                 bar.update(1)
+                if observer is not None:
+                    observer({"kind": "step", "total_steps": total, **row})
+                if should_stop is not None and should_stop():
+                    raise Stopped(f"stopped at step {step}; the last checkpoint is epoch {epoch}")
             epoch_losses.append(sum(losses) / len(losses))
             deltas = meter.deltas()
             decision = _with_retry(engine, f"epoch {epoch + 1} report",
@@ -121,5 +155,11 @@ def train(cfg: TrainConfig, engine: Engine) -> TrainResult:
             log.info("epoch %d/%d mean loss %.4f; next active %d/%d (killed %s, revived %s)", epoch + 1, cfg.epochs,
                      epoch_losses[-1], len(decision.next_active), layers, list(decision.killed), list(decision.revived))
             active = set(decision.next_active)
+            if observer is not None:
+                observer({"kind": "epoch", "loss": epoch_losses[-1], **decision.to_json()})
+            if checkpoints is not None:
+                checkpoint.save(checkpoints, named, opt, checkpoint.TrainerState(
+                    epochs_done=epoch + 1, step=step, active=sorted(active), epoch_losses=epoch_losses,
+                    scheduler=sched.state_dict(), kr_state=engine.scheduler_state(), session_id=engine.session_id))
     engine.save(cfg.output)
     return TrainResult(cfg.output, step, epoch_losses, time.perf_counter() - started)
