@@ -59,11 +59,15 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
                         "dropped (nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--detach", action="store_true",
+                   help="submit to the dlora-edge daemon and return; follow with `dlora status` / `dlora logs`")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlora", description="Fine-tune an LLM with LoRA; your data stays on this device.")
     p.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "WARNING"), help="default WARNING")
+    p.add_argument("--daemon", default=None, metavar="ADDR",
+                   help="the dlora-edge daemon (default $DLORA_DAEMON or unix:~/.cache/dlora/edge/daemon.sock)")
     sub = p.add_subparsers(dest="command", required=True)
     _train_flags(sub.add_parser("train", help="fine-tune through dlora-cloud (split learning)"), split=True)
     _train_flags(sub.add_parser("local-train", help="fine-tune with plain PEFT on this machine (the baseline)"), split=False)
@@ -77,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=256, help="tokens per scored sequence (default 256)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    st = sub.add_parser("status", help="status of daemon sessions (one, or all)")
+    st.add_argument("session_id", nargs="?", default="", help="a session id (default: all)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    lg = sub.add_parser("logs", help="a daemon session's log")
+    lg.add_argument("session_id")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the session ends")
+    for name, text in (("stop", "stop a daemon session at the next step (resumable)"),
+                       ("resume", "resume a stopped or failed daemon session from its last checkpoint")):
+        sub.add_parser(name, help=text).add_argument("session_id")
+    sub.add_parser("list", help="every daemon session, one line each")
 
     r = sub.add_parser("prepare", help="make the offline real model or a task ready in the cache")
     r.add_argument("name", help="smollm2-135m, a task (boolq, piqa, siqa, hellaswag, winogrande, openbookqa, "
@@ -149,6 +164,10 @@ def _train(args: argparse.Namespace, split: bool) -> int:
     from edge_client.trainer import train
 
     cfg = train_config(args, split)
+    if args.detach:
+        from edge_client.control import submit
+
+        return submit(args.daemon, cfg, "train" if split else "local-train")
     engine = SplitEngine(cfg) if split else LocalEngine(cfg)
     try:
         result = train(cfg, engine)
@@ -217,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _eval(args)
             if args.command == "prepare":
                 return _prepare(args)
+            if args.command in ("status", "logs", "stop", "resume", "list"):
+                from edge_client.control import run_control
+
+                return run_control(args)
             if args.command == "bench":
                 from edge_client.bench import run_bench
 

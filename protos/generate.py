@@ -14,11 +14,11 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO = "dlora/v1/dlora.proto"
+PROTOS = ("dlora/v1/dlora.proto", "dlora/v1/edge_control.proto")
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Write dlora_pb2.py, dlora_pb2.pyi and dlora_pb2_grpc.py under out_dir/dlora/v1.
+    """Write NAME_pb2.py, NAME_pb2.pyi and NAME_pb2_grpc.py for every proto under out_dir/dlora/v1.
 
     Raises:
         RuntimeError: protoc failed.
@@ -32,16 +32,16 @@ def generate(out_dir: Path) -> list[Path]:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        PROTO,
+        *PROTOS,
     ]
     if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed for {PROTO}")
+        raise RuntimeError(f"protoc failed for {', '.join(PROTOS)}")
     pkg = out_dir / "dlora" / "v1"
     for init in (out_dir / "__init__.py", out_dir / "dlora" / "__init__.py", pkg / "__init__.py"):
         init.touch()
-    grpc_file = pkg / "dlora_pb2_grpc.py"
-    text = re.sub(r"^from dlora\.v1 import", "from . import", grpc_file.read_text(), flags=re.M)
-    grpc_file.write_text(text)
+    for grpc_file in pkg.glob("*_pb2_grpc.py"):
+        text = re.sub(r"^from dlora\.v1 import", "from . import", grpc_file.read_text(), flags=re.M)
+        grpc_file.write_text(text)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
 

@@ -1,0 +1,127 @@
+"""The edge daemon end to end: submit, status, logs, stop, resume, and a SIGKILLed daemon that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.config import TrainConfig
+from edge_client.cli import main as dlora
+from edge_client.engines import LocalEngine
+from edge_client.trainer import train
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def start_daemon(state: Path) -> tuple[subprocess.Popen, str]:
+    address = f"unix:{state / 'd.sock'}"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_client.daemon", "daemon", "--state-dir", str(state),
+                             "--listen", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    return proc, address
+
+
+def status(address: str, capsys, session_id: str = "") -> list[dict]:
+    capsys.readouterr()
+    assert dlora(["--daemon", address, "status", *([session_id] if session_id else []), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def wait_state(address, capsys, sid, done: callable, timeout_s=180.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = status(address, capsys, sid)[0]
+        if done(s):
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"session {sid} never reached the expected state: {s}")
+
+
+def submit(address, capsys, model_dir, data_file, out, epochs=4) -> str:
+    capsys.readouterr()
+    code = dlora(["--daemon", address, "local-train", "--model", str(model_dir), "--data", str(data_file),
+                  "--output", str(out), "--epochs", str(epochs), "--batch-size", "4", "--lr", "3e-2", "--budget", "2",
+                  "--revive", "1", "--detach"])
+    assert code == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_daemon_sessions(tiny_dir, data_file, tmp_path, capsys):
+    model_dir = tiny_dir("llama", layers=4)
+    daemon, address = start_daemon(tmp_path / "state")
+    try:
+        # submit, poll to completion, adapter present, logs readable
+        sid = submit(address, capsys, model_dir, data_file, tmp_path / "a")
+        s = wait_state(address, capsys, sid, lambda s: s["state"] in ("done", "failed"))
+        assert s["state"] == "done", s
+        assert s["step"] == s["total_steps"] == 16 and s["epoch"] == 4 and s["active"] == 2
+        assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+        capsys.readouterr()
+        assert dlora(["--daemon", address, "logs", sid]) == 0
+        assert "done; adapter in" in capsys.readouterr().out
+        # stop in the middle, then resume to the end
+        sid2 = submit(address, capsys, model_dir, data_file, tmp_path / "b", epochs=40)
+        wait_state(address, capsys, sid2, lambda s: s["epoch"] >= 2)
+        assert dlora(["--daemon", address, "stop", sid2]) == 0
+        s = wait_state(address, capsys, sid2, lambda s: s["state"] not in ("running", "stopping"))
+        assert s["state"] == "stopped", s
+        assert dlora(["--daemon", address, "resume", sid2]) == 0
+        wait_state(address, capsys, sid2, lambda s: s["state"] == "running")
+        assert dlora(["--daemon", address, "stop", sid2]) == 0
+        wait_state(address, capsys, sid2, lambda s: s["state"] == "stopped")
+        capsys.readouterr()
+        assert dlora(["--daemon", address, "list"]) == 0
+        listing = capsys.readouterr().out
+        assert sid in listing and sid2 in listing and "done" in listing and "stopped" in listing
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+def test_sigkilled_daemon_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path, capsys):
+    model_dir = tiny_dir("llama", layers=4)
+    epochs = 12
+    state = tmp_path / "state"
+    daemon, address = start_daemon(state)
+    try:
+        sid = submit(address, capsys, model_dir, data_file, tmp_path / "run", epochs=epochs)
+        wait_state(address, capsys, sid, lambda s: s["epoch"] >= 4)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        checkpoints = sorted(p.name for p in (state / "sessions" / sid / "checkpoints").glob("epoch-*"))
+        assert checkpoints, "no checkpoint before the kill"
+        daemon, address = start_daemon(state)
+        assert "resumed 1 interrupted session" in daemon.stdout.readline()
+        s = wait_state(address, capsys, sid, lambda s: s["state"] in ("done", "failed"))
+        assert s["state"] == "done", s
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    log = (state / "sessions" / sid / "log.txt").read_text()
+    assert "resuming from epoch-" in log
+    ref = TrainConfig(model=model_dir, data=data_file, output=tmp_path / "ref", epochs=epochs, batch_size=4, lr=3e-2,
+                      budget=2, revive=1, progress=False)
+    train(ref, LocalEngine(ref))
+    a = load_file(str(ref.output / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+def test_no_daemon_says_how_to_start_one(tmp_path, capsys):
+    code = dlora(["--daemon", f"unix:{tmp_path / 'none.sock'}", "list"])
+    err = capsys.readouterr().err
+    assert code == 3 and "start one with `dlora-edge daemon`" in err
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
