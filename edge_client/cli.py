@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    rp = sub.add_parser("report", help="pictures (PNG) and a Markdown summary of a run folder")
+    rp.add_argument("run_dir", type=Path, help="the --output folder of `dlora train` or `dlora local-train`")
+
     st = sub.add_parser("status", help="status of daemon sessions (one, or all)")
     st.add_argument("session_id", nargs="?", default="", help="a session id (default: all)")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -240,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                 from edge_client.control import run_control
 
                 return run_control(args)
+            if args.command == "report":
+                from edge_client.report import write_report
+
+                path = write_report(args.run_dir)
+                print(f"wrote {path} and its pictures:")
+                for png in sorted(path.parent.glob("*.png")):
+                    print(f"  {png}")
+                return 0
             if args.command == "bench":
                 from edge_client.bench import run_bench
 
