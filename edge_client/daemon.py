@@ -217,14 +217,18 @@ def serve(state_dir: Path, listen: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlora-edge", description="The dlora device daemon.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("daemon", help="run training sessions in the background")
     d.add_argument("--state-dir", type=Path, default=None, help="default $DLORA_EDGE_STATE or ~/.cache/dlora/edge")
     d.add_argument("--listen", default=None,
                    help="unix:PATH or 127.0.0.1:PORT (default unix:STATE_DIR/daemon.sock)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     state_dir = args.state_dir or default_state_dir()
     return serve(state_dir, args.listen or default_address(state_dir))
 
