@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
     e.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
     e.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder from `dlora train` (default: base model)")
-    e.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt", "choices", "answer"} per line')
+    e.add_argument("--data", type=Path, default=None, help='JSONL: {"prompt", "choices", "answer"} per line')
+    e.add_argument("--tasks", default=None,
+                   help="prepared tasks instead of --data, e.g. piqa,arc_easy (their 75%% test splits); all = every task")
+    e.add_argument("--cache-dir", type=Path, default=None, help="for --tasks: default $DLORA_CACHE or ~/.cache/dlora")
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
     e.add_argument("--max-length", type=int, default=256, help="tokens per scored sequence (default 256)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
@@ -186,8 +189,16 @@ def _eval(args: argparse.Namespace) -> int:
     from edge_client.evaluate import evaluate, load_items, split_hidden_fn
     from edge_client.link import CloudLink
     from edge_client.model_parts import EdgeModel
+    from edge_client.tasks import TASK_NAMES, prepare_task
 
-    items = load_items(args.data, args.limit)
+    if (args.data is None) == (args.tasks is None):
+        raise ConfigError("dlora eval needs exactly one of --data FILE or --tasks a,b")
+    if args.tasks:
+        names = list(TASK_NAMES) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        cache = args.cache_dir or default_cache()
+        sets = {name: load_items(prepare_task(name, cache) / "test.jsonl", args.limit) for name in names}
+    else:
+        sets = {args.data.stem: load_items(args.data, args.limit)}
     adapter = None
     if args.adapter is not None:
         acfg = read_adapter_config(args.adapter)
@@ -199,14 +210,23 @@ def _eval(args: argparse.Namespace) -> int:
         edge = EdgeModel(args.model)
     link = CloudLink(args.cloud, edge)
     link.open()
+    results = {}
     try:
-        res = evaluate(edge, split_hidden_fn(link, adapter), items, args.max_length, progress=not args.no_progress)
+        for name, items in sets.items():
+            res = evaluate(edge, split_hidden_fn(link, adapter), items, args.max_length, progress=not args.no_progress)
+            results[name] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
+                             "predictions": res.predictions}
     finally:
         link.close()
-    print(f"accuracy {res.accuracy:.4f} ({res.correct}/{res.total})")
+    width = max(len(n) for n in results)
+    print(f"{'task':<{width}}  accuracy  items")
+    for name, r in results.items():
+        print(f"{name:<{width}}  {r['accuracy']:8.4f}  {r['total']:5d}")
+    if len(results) > 1:
+        mean = sum(r["accuracy"] for r in results.values()) / len(results)
+        print(f"{'mean':<{width}}  {mean:8.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
-                                         "predictions": res.predictions}, indent=1))
+        args.json.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
     return 0
 
 

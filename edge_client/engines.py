@@ -36,6 +36,7 @@ class Engine(Protocol):
 
     tokenizer: PreTrainedTokenizerBase
     num_layers: int
+    edge: EdgeModel
 
     session_id: str
 

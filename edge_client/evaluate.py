@@ -82,6 +82,7 @@ def evaluate(edge: EdgeModel, hidden_fn: HiddenFn, items: list[Item], max_length
     """Accuracy of the model behind hidden_fn on items."""
     tok = edge.tokenizer
     pad = tok.pad_token_id
+    max_length = edge.cap_length(max_length)
     preds: list[int] = []
     for start in tqdm(range(0, len(items), items_per_batch), disable=not progress, desc="eval", unit="batch"):
         chunk = items[start : start + items_per_batch]

@@ -86,6 +86,9 @@ class EdgeModel:
             self.head = self._materialise(head, head_name, index, prefix)
         self.tied = self.head.weight is self.embedding.weight
         del skeleton, layers
+        # learned or rotary positions cap the sequence length (None: no known cap)
+        self.max_positions: int | None = getattr(self.config, "max_position_embeddings", None) or getattr(
+            self.config, "n_positions", None)
         self.embed_width = int(self.embedding.weight.shape[1])
         self.head_width = int(self.head.weight.shape[1])
 
@@ -121,6 +124,10 @@ class EdgeModel:
             value = shared[p] if p in shared else nn.Parameter(loaded[key].to(torch.float32), requires_grad=False)  # type: ignore[index]
             setattr(module, p, value)
         return module.requires_grad_(False).eval()
+
+    def cap_length(self, max_length: int) -> int:
+        """max_length, lowered to what the model's positions allow."""
+        return min(max_length, self.max_positions) if self.max_positions else max_length
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, E) input embeddings."""

@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, engine: Engine, checkpoints: Path | None = None,
         Stopped: should_stop() returned True.
     """
     started = time.perf_counter()
-    examples = load_examples(cfg.data, engine.tokenizer, cfg.max_length)
+    examples = load_examples(cfg.data, engine.tokenizer, engine.edge.cap_length(cfg.max_length))
     params = engine.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = steps_per_epoch(len(examples), cfg.batch_size)
