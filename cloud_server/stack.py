@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
+from common.config import TORCH_DTYPES
 from common.errors import ConfigError
 from common.families import Family, family_of
 from common.model_files import fingerprint, load_config, tensor_index
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StepDeltas(Protocol):
@@ -87,7 +87,7 @@ class DecoderStack:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.dtype = TORCH_DTYPES[dtype]
         self.fingerprint = fingerprint(self.model_dir)
         model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype)
         model.set_input_embeddings(None)  # the edge owns the embedding table

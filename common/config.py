@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.codecs import WIRE_CODECS
 from common.errors import ConfigError
 
 KillMode = Literal["frozen", "detached", "dropped"]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Frozen(BaseModel):
@@ -63,6 +65,8 @@ class TrainConfig(_Frozen):
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(512, ge=4)
     progress: bool = True
+    device: Literal["cpu", "cuda"] = "cpu"  # this device's compute: edge parts + LoRA (train), the model (local-train)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # local-train: the frozen base's dtype
     # Kill-and-Revive (DESIGN.md); defaults follow the paper's Table 6
     warmup_epochs: int = Field(1, ge=0)  # epochs with every module trainable
     budget: int | None = Field(None, ge=1)  # active modules after warm-up; None = all layers

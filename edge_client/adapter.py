@@ -57,6 +57,7 @@ class LoraAdapter(nn.Module):
         with torch.no_grad():
             for pair in self.pairs:
                 nn.init.kaiming_uniform_(pair.A, a=math.sqrt(5), generator=gen)
+        self.to(edge.device)  # drawn on the CPU generator first, so every device starts from the same weights
         self.train()
         self._saved: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -141,7 +142,7 @@ class LoraAdapter(nn.Module):
                 if tuple(state[key].shape) != tuple(param.shape):
                     raise ConfigError(f"--adapter {adapter_dir}: {key} has shape {tuple(state[key].shape)}, "
                                       f"expected {tuple(param.shape)} (another --rank or base model?)")
-                param.copy_(state[key])
+                param.copy_(state[key].to(param.device))
 
 
 def lora_config(edge: EdgeModel, rank: int, alpha: float, dropout: float) -> LoraConfig:

@@ -32,7 +32,7 @@ from edge_client.cloud_process import CloudProcess
 from edge_client.data import Batch
 from edge_client.kill_revive import layer_roles
 from edge_client.link_emulator import LinkEmulator, netem_status, parse_wan
-from edge_client.synthetic import BENCH_CONFIG, llama_config, write_random_model
+from edge_client.synthetic import BENCH_CONFIG, LLAMA_7B_CONFIG, llama_config, write_random_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
@@ -74,7 +74,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = TrainConfig(model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
                       wire=spec.get("wire", "float32"), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
-                      micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200)
+                      micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
+                      device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
     engine = SplitEngine(cfg) if cfg.cloud else LocalEngine(cfg)
     layers = engine.num_layers
     active = spread(spec["budget"], layers) if spec["budget"] < layers else set(range(layers))
@@ -89,6 +90,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         loss, traffic = engine.train_step(batch, step, roles)
         opt.step()
+        if cfg.device == "cuda":
+            torch.cuda.synchronize()
         if step == 0:
             continue  # warm-up: allocator, gRPC channel, lazy inits
         times.append(time.perf_counter() - t0)
@@ -121,7 +124,9 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Model: {meta['model']} ({meta['layers']} layers, {meta['model_mb']:.0f} MB of weights); "
-        f"batch {meta['batch_size']}x{meta['seq_len']} tokens; {meta['steps']} timed steps; link: {meta['link']}.",
+        f"batch {meta['batch_size']}x{meta['seq_len']} tokens; {meta['steps']} timed steps; link: {meta['link']}; "
+        f"cloud {meta['cloud']}, device {meta['device']}, local-train base {meta['local_dtype']}"
+        f"{'; GPU ' + meta['gpu'] if meta.get('gpu') else ''}; {meta['date']}.",
         "",
         "| config | wire | budget | M | median step s | x local | payload MB/step | formula MB/step | diff % "
         "| device CPU s/step | device peak RSS MB | final loss |",
@@ -141,13 +146,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def run_bench(args: argparse.Namespace, cache: Path) -> int:
     if args.model:
         model_dir = args.model
+    elif args.shape == "llama-7b":
+        gpu = torch.cuda.is_available()
+        print("writing a LLaMA-7B-shaped random-weight model (bfloat16) ...", flush=True)
+        model_dir = write_random_model(llama_config(**LLAMA_7B_CONFIG), cache / "bench" / "llama-7b-shape",
+                                       dtype=torch.bfloat16, device="cuda" if gpu else "cpu")
     else:
         model_dir = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
     model_mb = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 1e6
     wires = args.wires.split(",")
     micro = [int(m) for m in args.micro_batches.split(",")]
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "kill_mode": args.kill_mode}
+            "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype}
     link = "127.0.0.1 loopback"
     cloud = CloudProcess(Path(model_dir), extra=["--state-dir", str(cache / "bench" / "cloud-state"),
                                                  "--device", args.cloud_device, "--dtype", args.cloud_dtype])
@@ -182,7 +192,9 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
         cloud.stop()
     meta = {"model": str(model_dir), "layers": layers, "model_mb": model_mb, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "steps": args.steps, "link": link,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads()}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads(),
+            "cloud": f"{args.cloud_device}/{args.cloud_dtype}", "device": args.device, "local_dtype": args.local_dtype,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     table = markdown(rows, meta)
     print("\n" + table)
     if args.json:

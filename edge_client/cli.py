@@ -59,6 +59,11 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
                         "dropped (nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where this device computes (train: embedding, head, LoRA; local-train: the model) (default cpu)")
+    if not split:
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the frozen base model (default float32)")
     p.add_argument("--detach", action="store_true",
                    help="submit to the dlora-edge daemon and return; follow with `dlora status` / `dlora logs`")
 
@@ -117,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"], help="default detached")
     b.add_argument("--wan", default=None, metavar="DELAY,RATE",
                    help="emulate a device link, e.g. 10ms,100mbit (one-way delay, rate per direction)")
+    b.add_argument("--shape", default="small", choices=["small", "llama-7b"],
+                   help="default model when --model is not given: small (~34M, LLaMA-shaped) or llama-7b (random weights)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the device side (and the local-train baseline) computes (default cpu)")
+    b.add_argument("--local-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the local-train baseline's frozen model (default float32)")
     b.add_argument("--cloud-device", default="cpu", choices=["cpu", "cuda"], help="where the cloud runs (default cpu)")
     b.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32")
     b.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -154,7 +165,7 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None,
             lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
             max_length=args.max_length, seed=args.seed, shuffle=not args.no_shuffle,
-            progress=not args.no_progress, **extra,
+            progress=not args.no_progress, device=args.device, dtype=getattr(args, "dtype", "float32"), **extra,
         )
     except ValidationError as e:
         raise flag_error(e) from None

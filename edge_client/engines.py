@@ -20,7 +20,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from common.config import KillMode, TrainConfig
+from common.config import TORCH_DTYPES, KillMode, TrainConfig
 from common.scheduler import Decision, KRState
 from edge_client.adapter import LoraAdapter, lora_config
 from edge_client.data import Batch, lm_loss
@@ -59,7 +59,7 @@ class SplitEngine:
     def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
         if cfg.cloud is None:
             raise ValueError("SplitEngine needs cfg.cloud")
-        self.edge = edge or EdgeModel(cfg.model, cfg.targets)
+        self.edge = edge or EdgeModel(cfg.model, cfg.targets, cfg.device)
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
@@ -107,12 +107,13 @@ class SplitEngine:
         n_tokens = batch.label_tokens  # the whole batch's: micro-batch losses add up to its mean
         losses: list[float] = []
         parts = []
-        for ids, mask, labels in zip(*(t.tensor_split(self.micro_batches) for t in
+        dev = self.edge.device
+        for ids, mask, labels in zip(*(t.to(dev).tensor_split(self.micro_batches) for t in
                                        (batch.input_ids, batch.attention_mask, batch.labels))):
             if ids.shape[0] == 0:
                 continue
             width = int(mask.sum(dim=1).max())  # drop the padding columns this micro-batch does not need
-            ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
+            ids, mask, labels = ids[:, :width], mask[:, :width].cpu(), labels[:, :width]
 
             def on_hidden(h: torch.Tensor, labels: torch.Tensor = labels) -> torch.Tensor:
                 h = h.detach().requires_grad_(True)  # (b, t, E_out)
@@ -142,18 +143,20 @@ class LocalEngine:
     """PEFT LoRA on the whole model in this process (the cloud-only baseline)."""
 
     def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
-        self.edge = edge or EdgeModel(cfg.model, cfg.targets)
+        self.edge = edge or EdgeModel(cfg.model, cfg.targets)  # layout, tokenizer and init only: on the CPU
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         init = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        base = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32)
-        self.model = get_peft_model(base, lora_config(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout))
+        base = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=TORCH_DTYPES[cfg.dtype])
+        # PEFT keeps LoRA weights in float32 on a bfloat16/float16 base (autocast_adapter_dtype)
+        self.model = get_peft_model(base, lora_config(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout)).to(cfg.device)
         own = dict(self.model.named_parameters())
         self._params: list[nn.Parameter] = []
         self._names = [key for key, _ in init.named_lora_parameters()]  # PEFT adapter keys, as the split names them
         self.session_id = ""
         with torch.no_grad():
             for key, value in init.named_lora_parameters():
+                value = value.to(cfg.device)
                 name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
                 own[name].copy_(value)
                 self._params.append(own[name])
@@ -204,8 +207,10 @@ class LocalEngine:
         return self.scheduler.decide(epoch, deltas)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        loss = lm_loss(logits, batch.labels, batch.label_tokens)
+        dev = self._params[0].device
+        logits = self.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                            use_cache=False).logits
+        loss = lm_loss(logits, batch.labels.to(dev), batch.label_tokens)
         loss.backward()
         return float(loss.detach()), Traffic()
 

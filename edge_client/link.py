@@ -221,7 +221,7 @@ class CloudLink:
                 if kind == "lora_forward":
                     self._answer_forward(body, b, t, roles, train, adapter, traffic)
                 elif kind == "hidden":
-                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire)
+                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire).to(self.edge.device)
                     grad = parts[mb - first_mb].on_hidden(h)
                     if train:
                         if grad is None:
@@ -244,7 +244,8 @@ class CloudLink:
         layer, group = body.layer, body.group
         if adapter is None or layer >= len(roles) or roles[layer] == pb.ABSENT or (layer, group) not in adapter.by_group:
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
-        x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)), self.wire)
+        x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)),
+                          self.wire).to(self.edge.device)
         need_grad = train and roles[layer] == pb.FORWARD_BACKWARD
         delta = adapter.forward_group(body.micro_batch, layer, group, x, need_grad)
         self._send(pb.EdgeMessage(lora_delta=pb.LoraDelta(
@@ -256,7 +257,8 @@ class CloudLink:
         layer, group = body.layer, body.group
         if adapter is None or not adapter.has_pending(body.micro_batch, layer, group):
             raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
-        g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)), self.wire)
+        g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)),
+                          self.wire).to(self.edge.device)
         dx = adapter.backward_group(body.micro_batch, layer, group, g)
         self._send(pb.EdgeMessage(lora_grad=pb.LoraGrad(
             step=body.step, micro_batch=body.micro_batch, layer=layer, group=group,

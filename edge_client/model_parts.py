@@ -49,8 +49,11 @@ class EdgeModel:
             the tokenizer or the embedding/head weights are missing.
     """
 
-    def __init__(self, model_dir: Path, targets: tuple[str, ...] | None = None) -> None:
+    def __init__(self, model_dir: Path, targets: tuple[str, ...] | None = None, device: str = "cpu") -> None:
         self.model_dir = Path(model_dir)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this machine has no usable CUDA device; use --device cpu")
+        self.device = torch.device(device)
         self.config = load_config(self.model_dir)
         self.family: Family = family_of(self.config.model_type)
         self.target_paths = resolve_targets(self.family, targets)
@@ -111,7 +114,7 @@ class EdgeModel:
     ) -> nn.Module:
         """Give a meta module real, frozen weights read from the folder."""
         shared = shared or {}
-        module.to_empty(device="cpu")
+        module.to_empty(device=self.device)
         wanted = {
             p: find_tensor(index, self.family.stored_names(f"{name}.{p}"), prefix)
             for p, _ in module.named_parameters(recurse=True)
@@ -121,7 +124,7 @@ class EdgeModel:
             raise ConfigError(f"model folder {self.model_dir} lacks {name}.{missing[0]}; is it a complete checkpoint?")
         loaded = read_tensors(index, [k for k in wanted.values() if k is not None])
         for p, key in wanted.items():
-            value = shared[p] if p in shared else nn.Parameter(loaded[key].to(torch.float32), requires_grad=False)  # type: ignore[index]
+            value = shared[p] if p in shared else nn.Parameter(loaded[key].to(self.device, torch.float32), requires_grad=False)  # type: ignore[index]
             setattr(module, p, value)
         return module.requires_grad_(False).eval()
 
