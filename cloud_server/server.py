@@ -16,8 +16,10 @@ import grpc
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect
 from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, open_spec, run_session
 from cloud_server.stack import DecoderStack
+from common import frames
 from common.config import ServeConfig
 from common.errors import ConfigError, DloraError, SessionError, status_of
+from common.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 
@@ -47,13 +49,13 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             model_fingerprint=self.stack.fingerprint, open_sessions=n,
         )
 
-    def Session(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext) -> Iterator[pb.CloudMessage]:
+    def Session(self, request_iterator: Iterator[Frame], context: grpc.ServicerContext) -> Iterator[Frame]:
         link = EdgeLink(request_iterator, self.config.step_timeout_s)
         try:
             first = link.recv()
-            if first is None or first.WhichOneof("kind") != "hello":
+            if first is None or first.kind != "hello":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
-            hello = first.hello
+            hello = first.msg.hello
             session_id = hello.session_id or uuid.uuid4().hex[:12]
             spec = open_spec(hello, self.stack, session_id)
             self._register(spec, list(hello.targets), resume=bool(hello.session_id))
@@ -106,6 +108,19 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             link.close()
 
 
+def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:
+    """The service's methods, as the generated code registers them, but with the session stream's
+    tensor bytes framed by common.frames (valid protobuf either way; see that module)."""
+    return grpc.method_handlers_generic_handler("dlora.v1.SplitTraining", {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            servicer.Session, request_deserializer=lambda raw: frames.parse(raw, pb.EdgeMessage),
+            response_serializer=frames.serialize),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthReply.SerializeToString),
+    })
+
+
 class CloudServer:
     """A running dlora cloud: the gRPC server, its Redis connection and its scheduler worker."""
 
@@ -125,7 +140,7 @@ class CloudServer:
             maximum_concurrent_rpcs=config.max_sessions + 4,
         )
         servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store))
-        pb_grpc.add_SplitTrainingServicer_to_server(servicer, self.server)
+        self.server.add_generic_rpc_handlers([handlers(servicer)])
         try:
             self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         except RuntimeError as e:

@@ -23,6 +23,7 @@ from cloud_server.stack import DecoderStack, active_step
 from common import codecs
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
+from common.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig
 
@@ -53,14 +54,14 @@ class SessionSpec:
 class EdgeLink:
     """The cloud's end of one stream: a reader thread fills `inbox`, `outbox` feeds the response."""
 
-    def __init__(self, requests: Iterator[pb.EdgeMessage], reply_timeout_s: float) -> None:
+    def __init__(self, requests: Iterator[Frame], reply_timeout_s: float) -> None:
         self.inbox: queue.Queue[object] = queue.Queue()
         self.outbox: queue.Queue[object] = queue.Queue()
         self.reply_timeout_s = reply_timeout_s
         self._reader = threading.Thread(target=self._read, args=(requests,), daemon=True)
         self._reader.start()
 
-    def _read(self, requests: Iterator[pb.EdgeMessage]) -> None:
+    def _read(self, requests: Iterator[Frame]) -> None:
         try:
             for msg in requests:
                 self.inbox.put(msg)
@@ -68,17 +69,17 @@ class EdgeLink:
             log.debug("request stream ended: %s", e)
         self.inbox.put(_END)
 
-    def send(self, msg: pb.CloudMessage) -> None:
-        self.outbox.put(msg)
+    def send(self, msg: pb.CloudMessage | Frame) -> None:
+        self.outbox.put(msg if isinstance(msg, Frame) else Frame(msg))
 
     def close(self) -> None:
         self.outbox.put(_END)
 
-    def responses(self) -> Iterator[pb.CloudMessage]:
+    def responses(self) -> Iterator[Frame]:
         while (msg := self.outbox.get()) is not _END:
             yield msg  # type: ignore[misc]
 
-    def recv(self) -> pb.EdgeMessage | None:
+    def recv(self) -> Frame | None:
         """The next edge message, None at end of stream.
 
         Raises:
@@ -113,7 +114,7 @@ class StepRun:
 
     def __init__(
         self, spec: SessionSpec, link: EdgeLink, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int],
-        inbox: queue.Queue[pb.EdgeMessage | None],
+        inbox: queue.Queue[Frame | None],
     ) -> None:
         self.spec, self.link, self.stack, self.inbox = spec, link, stack, inbox
         self.step, self.mb = begin.step, begin.micro_batch
@@ -151,74 +152,58 @@ class StepRun:
         return part
 
     def remote_forward(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
-        self.link.send(
-            pb.CloudMessage(
-                lora_forward=pb.LoraForward(
-                    step=self.step, micro_batch=self.mb, layer=layer, group=group,
-                    x=codecs.encode(x, self.spec.codec_down, self.spec.block_size_down),
-                )
-            )
-        )
+        msg = pb.CloudMessage(lora_forward=pb.LoraForward(step=self.step, micro_batch=self.mb, layer=layer, group=group))
+        data = codecs.encode_into(msg.lora_forward.x, x, self.spec.codec_down, self.spec.block_size_down)
+        self.link.send(Frame(msg, {"x": data}))
         reply = self._expect("lora_delta", layer, group)
         b, t = self.shape
         return codecs.decode(
-            reply.delta, f"LoraDelta layer {layer} group {group}", (b, t, self.spec.group_widths[group]),
-            self.spec.codec_up, self.stack.dtype,
+            reply.body.delta, f"LoraDelta layer {layer} group {group}", (b, t, self.spec.group_widths[group]),
+            self.spec.codec_up, self.stack.dtype, reply.payloads.get("delta"),
         ).to(self.stack.device)
 
     def remote_backward(self, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
-        self.link.send(
-            pb.CloudMessage(
-                lora_backward=pb.LoraBackward(
-                    step=self.step, micro_batch=self.mb, layer=layer, group=group,
-                    grad_output=codecs.encode(grad, self.spec.codec_down, self.spec.block_size_down),
-                )
-            )
-        )
+        msg = pb.CloudMessage(lora_backward=pb.LoraBackward(step=self.step, micro_batch=self.mb, layer=layer, group=group))
+        data = codecs.encode_into(msg.lora_backward.grad_output, grad, self.spec.codec_down, self.spec.block_size_down)
+        self.link.send(Frame(msg, {"grad_output": data}))
         reply = self._expect("lora_grad", layer, group)
         b, t = self.shape
         width = self.stack.in_width(self.spec.groups[group][0])
         return codecs.decode(
-            reply.grad_input, f"LoraGrad layer {layer} group {group}", (b, t, width),
-            self.spec.codec_up, grad.dtype,
+            reply.body.grad_input, f"LoraGrad layer {layer} group {group}", (b, t, width),
+            self.spec.codec_up, grad.dtype, reply.payloads.get("grad_input"),
         ).to(grad.device)
 
-    def _expect(self, kind: str, layer: int | None = None, group: int | None = None):  # type: ignore[no-untyped-def]
+    def _expect(self, kind: str, layer: int | None = None, group: int | None = None) -> Frame:
         try:
             msg = self.inbox.get(timeout=self.link.reply_timeout_s)
         except queue.Empty:
             raise SessionError(f"the edge sent nothing for {self.link.reply_timeout_s:.0f}s during step {self.step}") from None
         if msg is None:
             raise _StreamClosed()
-        got = msg.WhichOneof("kind")
-        if got != kind:
-            raise ProtocolError(f"step {self.step}: expected {kind}, got {got}")
-        body = getattr(msg, kind)
+        if msg.kind != kind:
+            raise ProtocolError(f"step {self.step}: expected {kind}, got {msg.kind}")
+        body = msg.body
         if (body.step, body.micro_batch) != (self.step, self.mb):
             raise ProtocolError(
                 f"{kind} for step {body.step}/{body.micro_batch} while step {self.step}/{self.mb} runs"
             )
         if layer is not None and (body.layer, body.group) != (layer, group):
             raise ProtocolError(f"{kind} for layer {body.layer} group {body.group}, expected {layer}/{group}")
-        return body
+        return msg
 
     # -- the whole micro-batch
     def execute(self, embeddings: torch.Tensor, mask: torch.Tensor) -> None:
         with active_step(self), torch.set_grad_enabled(self.train):
             hidden = self.stack.run(embeddings, mask)
-        self.link.send(
-            pb.CloudMessage(
-                hidden=pb.Hidden(
-                    step=self.step, micro_batch=self.mb,
-                    hidden=codecs.encode(hidden, self.spec.codec_down, self.spec.block_size_down),
-                )
-            )
-        )
+        msg = pb.CloudMessage(hidden=pb.Hidden(step=self.step, micro_batch=self.mb))
+        data = codecs.encode_into(msg.hidden.hidden, hidden, self.spec.codec_down, self.spec.block_size_down)
+        self.link.send(Frame(msg, {"hidden": data}))
         if not self.train:
             return
         reply = self._expect("hidden_grad")
         grad = codecs.decode(
-            reply.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype
+            reply.body.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype, reply.payloads.get("grad")
         ).to(hidden.device)
         if hidden.requires_grad:  # False when no layer takes part in backward
             torch.autograd.backward(hidden, grad)
@@ -259,12 +244,13 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
     return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr)
 
 
-def check_begin(begin: pb.StepBegin, spec: SessionSpec, stack: DecoderStack, max_tokens: int):  # type: ignore[no-untyped-def]
+def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack, max_tokens: int):  # type: ignore[no-untyped-def]
     """Decode and validate a StepBegin's tensors.
 
     Raises:
         ProtocolError: any mismatch with what the model and session expect.
     """
+    begin: pb.StepBegin = frame.body
     if len(begin.layer_roles) != stack.num_layers:
         raise ProtocolError(f"layer_roles has {len(begin.layer_roles)} entries, the model has {stack.num_layers} layers")
     if len(begin.embeddings.shape) != 3:
@@ -274,8 +260,10 @@ def check_begin(begin: pb.StepBegin, spec: SessionSpec, stack: DecoderStack, max
         raise ProtocolError(f"embeddings of {b}x{t} tokens: need 1..{max_tokens} tokens per micro-batch")
     if stack.max_positions and t > stack.max_positions:
         raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
-    emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.embed_width), spec.codec_up, stack.dtype)
-    mask = codecs.decode(begin.attention_mask, "StepBegin.attention_mask", (b, t), "uint8")
+    emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.embed_width), spec.codec_up, stack.dtype,
+                        frame.payloads.get("embeddings"))
+    mask = codecs.decode(begin.attention_mask, "StepBegin.attention_mask", (b, t), "uint8",
+                         payload=frame.payloads.get("attention_mask"))
     if bool((mask > 1).any()):
         raise ProtocolError("attention_mask must hold only 0 and 1")
     return emb, mask.to(torch.long), (b, t)
@@ -301,11 +289,13 @@ def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeou
 class _MicroBatchThread(threading.Thread):
     """Runs one micro-batch; the session loop feeds it the edge's replies through `inbox`."""
 
-    def __init__(self, link: EdgeLink, stack: DecoderStack, spec: SessionSpec, begin: pb.StepBegin, max_tokens: int,
+    def __init__(self, link: EdgeLink, stack: DecoderStack, spec: SessionSpec, frame: Frame, max_tokens: int,
                  on_exit: object) -> None:
+        begin = frame.body
         super().__init__(daemon=True, name=f"step-{spec.session_id}-{begin.step}-{begin.micro_batch}")
-        self.link, self.stack, self.spec, self.begin, self.max_tokens = link, stack, spec, begin, max_tokens
-        self.inbox: queue.Queue[pb.EdgeMessage | None] = queue.Queue()
+        self.link, self.stack, self.spec, self.frame, self.max_tokens = link, stack, spec, frame, max_tokens
+        self.begin: pb.StepBegin = begin
+        self.inbox: queue.Queue[Frame | None] = queue.Queue()
         self.on_exit = on_exit
         self.failure: BaseException | None = None
 
@@ -313,7 +303,7 @@ class _MicroBatchThread(threading.Thread):
         begin = self.begin
         started = time.perf_counter()
         try:
-            emb, mask, shape = check_begin(begin, self.spec, self.stack, self.max_tokens)
+            emb, mask, shape = check_begin(self.frame, self.spec, self.stack, self.max_tokens)
             StepRun(self.spec, self.link, self.stack, begin, shape, self.inbox).execute(emb, mask)
             self.link.send(pb.CloudMessage(step_done=pb.StepDone(
                 step=begin.step, micro_batch=begin.micro_batch, cloud_seconds=time.perf_counter() - started)))
@@ -351,8 +341,7 @@ def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_toke
         while (msg := link.recv()) is not None:
             if failures:
                 raise failures[0]
-            kind = msg.WhichOneof("kind")
-            body = getattr(msg, kind)
+            kind, body = msg.kind, msg.body
             if kind == "epoch_report":
                 try:
                     with lock:
@@ -367,7 +356,7 @@ def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_toke
                 with lock:
                     if key in running:
                         raise ProtocolError(f"step {body.step} micro-batch {body.micro_batch} is already running")
-                    t = _MicroBatchThread(link, stack, spec, body, max_tokens, finished)
+                    t = _MicroBatchThread(link, stack, spec, msg, max_tokens, finished)
                     running[key] = t
                 t.start()
             elif kind in ("lora_delta", "hidden_grad", "lora_grad"):

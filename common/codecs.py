@@ -57,22 +57,39 @@ def codec_spec(name: str) -> CodecSpec:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t: one float64 sum, which is finite exactly when every element is.
+    """No NaN or Inf in t.
 
-    (Cheaper than isfinite(t).all(), which materialises a bool per element; float64 cannot overflow on
-    a sum of float32/bf16/fp16 values.)
+    Fast path: a float32 sum, finite only if every element is (NaN and Inf propagate); only when it
+    is not finite (a NaN, an Inf, or an overflowing sum of huge values) is every element checked.
     """
     if t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _raw_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, in place when it already is a contiguous CPU tensor."""
+    return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) -> pb.Tensor:
-    """Encode a tensor for the wire.
+    """Encode a tensor for the wire into a new message, its bytes inline in `data`.
+
+    Raises:
+        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size < 1.
+    """
+    out = pb.Tensor()
+    out.data = bytes(encode_into(out, t, codec, block_size))
+    return out
+
+
+def encode_into(out: pb.Tensor, t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) -> memoryview:
+    """Fill a message's Tensor field with shape and codec (and int8 scales); return the element bytes.
+
+    The bytes are left out of the message so that common.frames can send them with one copy; they
+    share memory with `t` where no conversion was needed, so t must not change until it is sent.
 
     Raises:
         ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size < 1.
@@ -80,19 +97,23 @@ def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) ->
     spec = codec_spec(codec)
     shape = list(t.shape)
     t = t.detach()
+    out.shape.extend(shape)
+    out.codec = spec.codec
     if spec.codec == pb.UINT8:
-        return pb.Tensor(data=_raw_bytes(t.to(torch.uint8)), shape=shape, codec=spec.codec)
+        return _raw_view(t.to(torch.uint8))
     if not all_finite(t):
         raise ProtocolError(f"refusing to send a tensor of shape {tuple(shape)} with NaN or Inf values")
     if spec.codec == pb.INT8_BLOCKWISE:
-        data, scales = _int8_encode(t, block_size)
-        return pb.Tensor(data=data, shape=shape, codec=spec.codec, scales=scales, block_size=block_size)
+        q, absmax = _int8_encode(t, block_size)
+        out.scales = bytes(_raw_view(absmax))
+        out.block_size = block_size
+        return _raw_view(q)
     if spec.dtype == torch.float16 and t.numel() and float(t.abs().max()) > _FLOAT16_MAX:
         raise ProtocolError("a value exceeds float16's range; use --wire bfloat16 or float32")
-    return pb.Tensor(data=_raw_bytes(t.to(spec.dtype).cpu()), shape=shape, codec=spec.codec)
+    return _raw_view(t.to(spec.dtype))
 
 
-def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[bytes, bytes]:
+def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if block_size < 1:
         raise ProtocolError(f"int8 block size must be >= 1, got {block_size}")
     flat = t.reshape(-1).to(torch.float32).cpu()
@@ -103,15 +124,27 @@ def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[bytes, bytes]:
     # divide (not multiply by 127/absmax, which overflows for subnormal absmax); all-zero blocks stay 0
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     q = torch.round(blocks / safe[:, None] * 127.0).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return _raw_bytes(q), _raw_bytes(absmax)
+    return q, absmax
 
 
 def nbytes(msg: pb.Tensor) -> int:
-    """Payload bytes of an encoded tensor (data plus scales; the small header not counted)."""
-    return len(msg.data) + len(msg.scales)
+    """Payload bytes of an encoded tensor (data plus scales), computed from its shape and codec.
+
+    Reading `data` would copy it (protobuf hands out a new bytes object each time); decode() checks
+    that the real length matches this.
+    """
+    spec = BY_ENUM.get(msg.codec)
+    if spec is None:
+        return 0
+    numel = 1
+    for d in msg.shape:
+        numel *= d
+    if spec.codec == pb.INT8_BLOCKWISE:
+        return numel + 4 * (-(-numel // msg.block_size)) if msg.block_size else numel
+    return numel * spec.bytes_per_element
 
 
-def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _frombuffer(data: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
     if not data:
         return torch.empty(0, dtype=dtype)
     with warnings.catch_warnings():  # protobuf bytes are read-only; we never write into them
@@ -125,6 +158,7 @@ def decode(
     shape: Sequence[int | None],
     codec: str,
     out_dtype: torch.dtype = torch.float32,
+    payload: bytes | memoryview | None = None,
 ) -> torch.Tensor:
     """Decode and validate an incoming tensor.
 
@@ -134,6 +168,8 @@ def decode(
         shape: the expected shape; None in a position accepts any size there.
         codec: the codec the session agreed for this direction.
         out_dtype: the dtype of the returned tensor (ignored for uint8 masks).
+        payload: the element bytes when they travelled outside the message (common.frames);
+            else they are read from msg.data.
 
     Raises:
         ProtocolError: wrong codec, shape, byte length, block layout, or NaN/Inf values.
@@ -151,23 +187,24 @@ def decode(
     numel = 1
     for g in got_shape:
         numel *= g
-    if len(msg.data) != numel * spec.bytes_per_element:
+    data = msg.data if payload is None else payload
+    if len(data) != numel * spec.bytes_per_element:
         raise ProtocolError(
-            f"{what}: {len(msg.data)} data bytes, expected {numel * spec.bytes_per_element} "
+            f"{what}: {len(data)} data bytes, expected {numel * spec.bytes_per_element} "
             f"for shape {got_shape} in {spec.name}"
         )
     if spec.codec == pb.UINT8:
-        return _frombuffer(msg.data, torch.uint8).view(got_shape)
+        return _frombuffer(data, torch.uint8).view(got_shape)
     if spec.codec == pb.INT8_BLOCKWISE:
         # int8 values are always finite; the scales were checked, so the product is too
-        return _int8_decode(msg, numel, what).view(got_shape).to(out_dtype)
-    t = _frombuffer(msg.data, spec.dtype).view(got_shape)
+        return _int8_decode(msg, data, numel, what).view(got_shape).to(out_dtype)
+    t = _frombuffer(data, spec.dtype).view(got_shape).to(out_dtype)  # convert first: the check is fastest in float32
     if not all_finite(t):
         raise ProtocolError(f"{what}: NaN or Inf values")
-    return t.to(out_dtype)
+    return t
 
 
-def _int8_decode(msg: pb.Tensor, numel: int, what: str) -> torch.Tensor:
+def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str) -> torch.Tensor:
     bs = msg.block_size
     if bs < 1:
         raise ProtocolError(f"{what}: int8 block_size must be >= 1, got {bs}")
@@ -177,7 +214,7 @@ def _int8_decode(msg: pb.Tensor, numel: int, what: str) -> torch.Tensor:
     absmax = _frombuffer(msg.scales, torch.float32)
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
         raise ProtocolError(f"{what}: int8 scales must be finite and non-negative")
-    q = _frombuffer(msg.data, torch.int8).to(torch.float32)
+    q = _frombuffer(data, torch.int8).to(torch.float32)
     pad = n_blocks * bs - numel
     blocks = torch.nn.functional.pad(q, (0, pad)).view(n_blocks, bs)
     return (blocks / 127.0 * absmax[:, None]).reshape(-1)[:numel]  # scale last: exact for subnormal absmax

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from common import codecs
+from common import codecs, frames
 from common.errors import ProtocolError, RemoteError
+from common.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from common.scheduler import Decision, KRConfig
 from edge_client.adapter import LoraAdapter
 from edge_client.model_parts import EdgeModel
@@ -85,6 +85,7 @@ class CloudLink:
         self._channel: grpc.Channel | None = None
         self._outbox: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[object] = queue.Queue()
+        self._wire_up = self._wire_down = 0  # serialized bytes of whole messages, this link's lifetime
 
     # -- connection
     def open(self) -> str:
@@ -102,8 +103,10 @@ class CloudLink:
             ) from None
         self._outbox: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[object] = queue.Queue()
-        stub = pb_grpc.SplitTrainingStub(self._channel)
-        self._call = stub.Session(iter(self._outbox.get, _END))
+        # the generated stub's (de)serializers, wrapped to count whole messages as they cross
+        session = self._channel.stream_stream(
+            "/dlora.v1.SplitTraining/Session", request_serializer=self._serialize, response_deserializer=self._parse)
+        self._call = session(iter(self._outbox.get, _END))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         codec = codecs.codec_spec(self.wire).codec
@@ -114,7 +117,7 @@ class CloudLink:
             warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
             kill_threshold=self.kr.kill_threshold or 0.0,
         )), Traffic())
-        welcome = self._recv(Traffic()).welcome
+        welcome = self._recv(Traffic()).msg.welcome
         if welcome.num_layers != self.edge.num_layers:
             raise ProtocolError(f"cloud hosts {welcome.num_layers} layers, the edge model has {self.edge.num_layers}")
         self.session_id = welcome.session_id
@@ -135,14 +138,26 @@ class CloudLink:
         except grpc.RpcError as e:
             self._inbox.put(e)
 
-    def _send(self, msg: pb.EdgeMessage, traffic: Traffic) -> None:
-        traffic.payload_up += _payload(msg)
-        traffic.wire_up += msg.ByteSize()
-        kind = "up:" + msg.WhichOneof("kind")
-        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
-        self._outbox.put(msg)
+    def _serialize(self, frame: Frame) -> bytes:
+        raw = frames.serialize(frame)
+        self._wire_up += len(raw)  # (ByteSize() would cost a second serialization)
+        return raw
 
-    def _recv(self, traffic: Traffic) -> pb.CloudMessage:
+    def _parse(self, raw: bytes) -> Frame:
+        self._wire_down += len(raw)
+        return frames.parse(raw, pb.CloudMessage)
+
+    def _wire_totals(self) -> tuple[int, int]:
+        return self._wire_up, self._wire_down
+
+    def _send(self, msg: pb.EdgeMessage | Frame, traffic: Traffic) -> None:
+        frame = msg if isinstance(msg, Frame) else Frame(msg)
+        traffic.payload_up += _payload(frame.msg)
+        kind = "up:" + frame.kind
+        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        self._outbox.put(frame)
+
+    def _recv(self, traffic: Traffic) -> Frame:
         try:
             item = self._inbox.get(timeout=self.reply_timeout_s)
         except queue.Empty:
@@ -154,10 +169,9 @@ class CloudLink:
         if isinstance(item, grpc.RpcError):
             code = item.code().name if item.code() else "UNKNOWN"
             raise RemoteError(code, f"dlora-cloud at {self.address}: {item.details() or code}")
-        msg: pb.CloudMessage = item  # type: ignore[assignment]
-        traffic.payload_down += _payload(msg)
-        traffic.wire_down += msg.ByteSize()
-        kind = "down:" + msg.WhichOneof("kind")
+        msg: Frame = item  # type: ignore[assignment]
+        traffic.payload_down += _payload(msg.msg)
+        kind = "down:" + msg.kind
         traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
         return msg
 
@@ -172,8 +186,8 @@ class CloudLink:
         layers = sorted(deltas)
         self._send(pb.EdgeMessage(epoch_report=pb.EpochReport(
             epoch=epoch, layers=layers, deltas=[deltas[i] for i in layers])), traffic)
-        msg = self._recv(traffic)
-        kind = msg.WhichOneof("kind")
+        frame = self._recv(traffic)
+        kind, msg = frame.kind, frame.msg
         if kind == "step_error":
             raise RemoteError(msg.step_error.code, f"dlora-cloud rejected the epoch {epoch} report: {msg.step_error.message}")
         if kind != "kr_command" or msg.kr_command.epoch != epoch:
@@ -198,19 +212,19 @@ class CloudLink:
         returns dL/dh when training; LoRA gradients of all parts accumulate.
         """
         traffic = Traffic()
+        up0, down0 = self._wire_totals()
         shapes = {first_mb + i: tuple(p.attention_mask.shape) for i, p in enumerate(parts)}
         for i, part in enumerate(parts):
-            self._send(pb.EdgeMessage(step_begin=pb.StepBegin(
-                step=step, micro_batch=first_mb + i, train=train, layer_roles=roles,
-                embeddings=codecs.encode(part.embeddings, self.wire),
-                attention_mask=codecs.encode(part.attention_mask, "uint8"),
-            )), traffic)
+            msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=step, micro_batch=first_mb + i, train=train,
+                                                         layer_roles=roles))
+            payloads = {"embeddings": codecs.encode_into(msg.step_begin.embeddings, part.embeddings, self.wire),
+                        "attention_mask": codecs.encode_into(msg.step_begin.attention_mask, part.attention_mask, "uint8")}
+            self._send(Frame(msg, payloads), traffic)
         pending = set(shapes)
         try:
             while pending:
-                msg = self._recv(traffic)
-                kind = msg.WhichOneof("kind")
-                body = getattr(msg, kind)
+                frame = self._recv(traffic)
+                kind, body = frame.kind, frame.body
                 if kind == "step_error":
                     self.close()  # other micro-batches may still be in flight: this stream is spent
                     raise RemoteError(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
@@ -219,47 +233,55 @@ class CloudLink:
                     raise ProtocolError(f"cloud sent {kind} for step {getattr(body, 'step', '?')}/{mb} during step {step}")
                 b, t = shapes[mb]
                 if kind == "lora_forward":
-                    self._answer_forward(body, b, t, roles, train, adapter, traffic)
+                    self._answer_forward(frame, b, t, roles, train, adapter, traffic)
                 elif kind == "hidden":
-                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire).to(self.edge.device)
+                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire,
+                                      payload=frame.payloads.get("hidden")).to(self.edge.device)
                     grad = parts[mb - first_mb].on_hidden(h)
                     if train:
                         if grad is None:
                             raise ValueError("on_hidden must return dL/dh when training")
-                        self._send(pb.EdgeMessage(hidden_grad=pb.HiddenGrad(
-                            step=step, micro_batch=mb, grad=codecs.encode(grad, self.wire))), traffic)
+                        msg = pb.EdgeMessage(hidden_grad=pb.HiddenGrad(step=step, micro_batch=mb))
+                        data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire)
+                        self._send(Frame(msg, {"grad": data}), traffic)
                 elif kind == "lora_backward":
-                    self._answer_backward(body, b, t, adapter, traffic)
+                    self._answer_backward(frame, b, t, adapter, traffic)
                 elif kind == "step_done":
                     pending.discard(mb)
                 else:
                     raise ProtocolError(f"cloud sent {kind} in the middle of step {step}")
+            # every message of the step was serialized before the cloud could answer the last one
+            traffic.wire_up, traffic.wire_down = (a - b for a, b in zip(self._wire_totals(), (up0, down0)))
             return traffic
         finally:
             if adapter is not None:
                 adapter.discard_pending()
 
-    def _answer_forward(self, body: pb.LoraForward, b: int, t: int, roles: list[int], train: bool,
+    def _answer_forward(self, frame: Frame, b: int, t: int, roles: list[int], train: bool,
                         adapter: LoraAdapter | None, traffic: Traffic) -> None:
+        body: pb.LoraForward = frame.body
         layer, group = body.layer, body.group
         if adapter is None or layer >= len(roles) or roles[layer] == pb.ABSENT or (layer, group) not in adapter.by_group:
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
         x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)),
-                          self.wire).to(self.edge.device)
+                          self.wire, payload=frame.payloads.get("x")).to(self.edge.device)
         need_grad = train and roles[layer] == pb.FORWARD_BACKWARD
         delta = adapter.forward_group(body.micro_batch, layer, group, x, need_grad)
-        self._send(pb.EdgeMessage(lora_delta=pb.LoraDelta(
-            step=body.step, micro_batch=body.micro_batch, layer=layer, group=group,
-            delta=codecs.encode(delta, self.wire))), traffic)
+        msg = pb.EdgeMessage(lora_delta=pb.LoraDelta(step=body.step, micro_batch=body.micro_batch, layer=layer,
+                                                     group=group))
+        data = codecs.encode_into(msg.lora_delta.delta, delta, self.wire)
+        self._send(Frame(msg, {"delta": data}), traffic)
 
-    def _answer_backward(self, body: pb.LoraBackward, b: int, t: int, adapter: LoraAdapter | None,
+    def _answer_backward(self, frame: Frame, b: int, t: int, adapter: LoraAdapter | None,
                          traffic: Traffic) -> None:
+        body: pb.LoraBackward = frame.body
         layer, group = body.layer, body.group
         if adapter is None or not adapter.has_pending(body.micro_batch, layer, group):
             raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
         g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)),
-                          self.wire).to(self.edge.device)
+                          self.wire, payload=frame.payloads.get("grad_output")).to(self.edge.device)
         dx = adapter.backward_group(body.micro_batch, layer, group, g)
-        self._send(pb.EdgeMessage(lora_grad=pb.LoraGrad(
-            step=body.step, micro_batch=body.micro_batch, layer=layer, group=group,
-            grad_input=codecs.encode(dx, self.wire))), traffic)
+        msg = pb.EdgeMessage(lora_grad=pb.LoraGrad(step=body.step, micro_batch=body.micro_batch, layer=layer,
+                                                   group=group))
+        data = codecs.encode_into(msg.lora_grad.grad_input, dx, self.wire)
+        self._send(Frame(msg, {"grad_input": data}), traffic)
