@@ -71,7 +71,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def _raw_view(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, in place when it already is a contiguous CPU tensor."""
-    return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) -> pb.Tensor:
