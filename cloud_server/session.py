@@ -159,8 +159,8 @@ class StepRun:
         b, t = self.shape
         return codecs.decode(
             reply.body.delta, f"LoraDelta layer {layer} group {group}", (b, t, self.spec.group_widths[group]),
-            self.spec.codec_up, self.stack.dtype, reply.payloads.get("delta"),
-        ).to(self.stack.device)
+            self.spec.codec_up, self.stack.dtype, reply.payloads.get("delta"), self.stack.device,
+        )
 
     def remote_backward(self, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
         msg = pb.CloudMessage(lora_backward=pb.LoraBackward(step=self.step, micro_batch=self.mb, layer=layer, group=group))
@@ -171,8 +171,8 @@ class StepRun:
         width = self.stack.in_width(self.spec.groups[group][0])
         return codecs.decode(
             reply.body.grad_input, f"LoraGrad layer {layer} group {group}", (b, t, width),
-            self.spec.codec_up, grad.dtype, reply.payloads.get("grad_input"),
-        ).to(grad.device)
+            self.spec.codec_up, grad.dtype, reply.payloads.get("grad_input"), grad.device,
+        )
 
     def _expect(self, kind: str, layer: int | None = None, group: int | None = None) -> Frame:
         try:
@@ -203,8 +203,9 @@ class StepRun:
             return
         reply = self._expect("hidden_grad")
         grad = codecs.decode(
-            reply.body.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype, reply.payloads.get("grad")
-        ).to(hidden.device)
+            reply.body.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype, reply.payloads.get("grad"),
+            hidden.device,
+        )
         if hidden.requires_grad:  # False when no layer takes part in backward
             torch.autograd.backward(hidden, grad)
 
@@ -261,7 +262,7 @@ def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack, max_tokens
     if stack.max_positions and t > stack.max_positions:
         raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
     emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.embed_width), spec.codec_up, stack.dtype,
-                        frame.payloads.get("embeddings"))
+                        frame.payloads.get("embeddings"), stack.device)
     mask = codecs.decode(begin.attention_mask, "StepBegin.attention_mask", (b, t), "uint8",
                          payload=frame.payloads.get("attention_mask"))
     if bool((mask > 1).any()):

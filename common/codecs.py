@@ -159,6 +159,7 @@ def decode(
     codec: str,
     out_dtype: torch.dtype = torch.float32,
     payload: bytes | memoryview | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Decode and validate an incoming tensor.
 
@@ -170,6 +171,7 @@ def decode(
         out_dtype: the dtype of the returned tensor (ignored for uint8 masks).
         payload: the element bytes when they travelled outside the message (common.frames);
             else they are read from msg.data.
+        device: where the result goes; the dtype conversion and the check happen there.
 
     Raises:
         ProtocolError: wrong codec, shape, byte length, block layout, or NaN/Inf values.
@@ -194,11 +196,12 @@ def decode(
             f"for shape {got_shape} in {spec.name}"
         )
     if spec.codec == pb.UINT8:
-        return _frombuffer(data, torch.uint8).view(got_shape)
+        return _frombuffer(data, torch.uint8).view(got_shape).to(device)
     if spec.codec == pb.INT8_BLOCKWISE:
         # int8 values are always finite; the scales were checked, so the product is too
-        return _int8_decode(msg, data, numel, what).view(got_shape).to(out_dtype)
-    t = _frombuffer(data, spec.dtype).view(got_shape).to(out_dtype)  # convert first: the check is fastest in float32
+        return _int8_decode(msg, data, numel, what).view(got_shape).to(device, out_dtype)
+    # move, then convert and check where the result lives (a GPU does both far faster)
+    t = _frombuffer(data, spec.dtype).view(got_shape).to(device).to(out_dtype)
     if not all_finite(t):
         raise ProtocolError(f"{what}: NaN or Inf values")
     return t

@@ -68,6 +68,15 @@ def synthetic_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> li
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM). ru_maxrss would include the parent's RSS at fork time,
+    which Linux carries across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this (fresh) process."""
     from edge_client.engines import LocalEngine, SplitEngine
@@ -106,7 +115,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     formula = step_cost(n, edge.embed_width, edge.head_width, groups, roles, True, cfg.wire, 4096)
     return {
         "median_step_s": statistics.median(times), "cpu_s_per_step": statistics.mean(cpu),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "final_loss": loss,
+        "peak_rss_mb": peak_rss_mb(), "final_loss": loss,
         "payload_per_step": statistics.mean(u + d for u, d in zip(up, down)) if cfg.cloud else 0,
         "formula_per_step": formula.up + formula.down if cfg.cloud else 0,
         "wire_per_step": statistics.mean(wire) if cfg.cloud else 0, "active": len(active), "layers": layers,

@@ -236,7 +236,7 @@ class CloudLink:
                     self._answer_forward(frame, b, t, roles, train, adapter, traffic)
                 elif kind == "hidden":
                     h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire,
-                                      payload=frame.payloads.get("hidden")).to(self.edge.device)
+                                      payload=frame.payloads.get("hidden"), device=self.edge.device)
                     grad = parts[mb - first_mb].on_hidden(h)
                     if train:
                         if grad is None:
@@ -264,7 +264,7 @@ class CloudLink:
         if adapter is None or layer >= len(roles) or roles[layer] == pb.ABSENT or (layer, group) not in adapter.by_group:
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
         x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)),
-                          self.wire, payload=frame.payloads.get("x")).to(self.edge.device)
+                          self.wire, payload=frame.payloads.get("x"), device=self.edge.device)
         need_grad = train and roles[layer] == pb.FORWARD_BACKWARD
         delta = adapter.forward_group(body.micro_batch, layer, group, x, need_grad)
         msg = pb.EdgeMessage(lora_delta=pb.LoraDelta(step=body.step, micro_batch=body.micro_batch, layer=layer,
@@ -279,7 +279,7 @@ class CloudLink:
         if adapter is None or not adapter.has_pending(body.micro_batch, layer, group):
             raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
         g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)),
-                          self.wire, payload=frame.payloads.get("grad_output")).to(self.edge.device)
+                          self.wire, payload=frame.payloads.get("grad_output"), device=self.edge.device)
         dx = adapter.backward_group(body.micro_batch, layer, group, g)
         msg = pb.EdgeMessage(lora_grad=pb.LoraGrad(step=body.step, micro_batch=body.micro_batch, layer=layer,
                                                    group=group))
