@@ -47,8 +47,30 @@ def bytes_per_epoch(out: Path, edge: EdgeModel, mode: str, wire: str = "float32"
     return totals
 
 
+def render(result: dict) -> str:
+    """The Markdown table of docs/kill-and-revive.md from the sweep's JSON."""
+    rows = result["rows"]
+    full = next((r for r in rows if r["mode"] == "all"), rows[0])
+    full_total = sum(full["bytes_per_epoch"])
+    out = [
+        f"Task {result['task']}: train on its 25% split, accuracy on {result['test_items']} held-out items; "
+        f"{result['epochs']} epochs (1 warm-up), lr {result['lr']}, LoRA r=8 on q,k,v, batch 16, revive "
+        f"{result['revive']}.",
+        "",
+        "| budget | kill mode | accuracy | final-epoch loss | GB per epoch (1, 2, 3, 4) | total GB | vs budget 30 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = ", ".join(f"{b / 1e9:.2f}" for b in r["bytes_per_epoch"])
+        total = sum(r["bytes_per_epoch"])
+        out.append(f"| {r['budget']} | {r['mode']} | {r['accuracy']:.3f} | {r['epoch_losses'][-1]:.3f} | {per} "
+                   f"| {total / 1e9:.2f} | {total / full_total:.2f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--render", type=Path, default=None, help="only print the Markdown table of a finished sweep JSON")
     ap.add_argument("--task", default="arc_easy")
     ap.add_argument("--budgets", default="30,15,8")
     ap.add_argument("--modes", default="frozen,detached,dropped")
@@ -59,6 +81,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/kr_sweep"))
     ap.add_argument("--out", type=Path, default=Path("docs/kr_sweep.json"))
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
     cache = default_cache()
     model_dir, task_dir = prepare_model(MODEL, cache), prepare_task(args.task, cache)
     items = load_items(task_dir / "test.jsonl", args.test_items)
