@@ -152,27 +152,26 @@ class StepRun:
         return part
 
     def remote_forward(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
-        msg = pb.CloudMessage(lora_forward=pb.LoraForward(step=self.step, micro_batch=self.mb, layer=layer, group=group))
-        data = codecs.encode_into(msg.lora_forward.x, x, self.spec.codec_down, self.spec.block_size_down)
-        self.link.send(Frame(msg, {"x": data}))
-        reply = self._expect("lora_delta", layer, group)
-        b, t = self.shape
-        return codecs.decode(
-            reply.body.delta, f"LoraDelta layer {layer} group {group}", (b, t, self.spec.group_widths[group]),
-            self.spec.codec_up, self.stack.dtype, reply.payloads.get("delta"), self.stack.device,
-        )
+        """The group's LoRA deltas for x (B, T, H) -> (B, T, O), from the edge."""
+        return self._layer_call("lora_forward", "x", "lora_delta", "delta", layer, group, x,
+                                self.spec.group_widths[group], self.stack.dtype, self.stack.device)
 
     def remote_backward(self, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
-        msg = pb.CloudMessage(lora_backward=pb.LoraBackward(step=self.step, micro_batch=self.mb, layer=layer, group=group))
-        data = codecs.encode_into(msg.lora_backward.grad_output, grad, self.spec.codec_down, self.spec.block_size_down)
-        self.link.send(Frame(msg, {"grad_output": data}))
-        reply = self._expect("lora_grad", layer, group)
-        b, t = self.shape
+        """dL/dx through the group's low-rank path for dL/d(delta) (B, T, O) -> (B, T, H), from the edge."""
         width = self.stack.in_width(self.spec.groups[group][0])
-        return codecs.decode(
-            reply.body.grad_input, f"LoraGrad layer {layer} group {group}", (b, t, width),
-            self.spec.codec_up, grad.dtype, reply.payloads.get("grad_input"), grad.device,
-        )
+        return self._layer_call("lora_backward", "grad_output", "lora_grad", "grad_input", layer, group, grad,
+                                width, grad.dtype, grad.device)
+
+    def _layer_call(self, kind: str, field: str, reply_kind: str, reply_field: str, layer: int, group: int,
+                    tensor: torch.Tensor, reply_width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        msg = pb.CloudMessage(**{kind: {"step": self.step, "micro_batch": self.mb, "layer": layer, "group": group}})
+        data = codecs.encode_into(getattr(getattr(msg, kind), field), tensor, self.spec.codec_down,
+                                  self.spec.block_size_down)
+        self.link.send(Frame(msg, {field: data}))
+        reply = self._expect(reply_kind, layer, group)
+        b, t = self.shape
+        return codecs.decode(getattr(reply.body, reply_field), f"{reply_kind} layer {layer} group {group}",
+                             (b, t, reply_width), self.spec.codec_up, dtype, reply.payloads.get(reply_field), device)
 
     def _expect(self, kind: str, layer: int | None = None, group: int | None = None) -> Frame:
         try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,11 +24,26 @@ from edge_client.trainer import train
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+_LINES: dict[int, queue.Queue] = {}
+
+
+def read_line(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """The daemon's next stdout line, or "" after timeout_s (never blocks the test forever)."""
+    if proc.pid not in _LINES:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        _LINES[proc.pid] = lines
+    try:
+        return _LINES[proc.pid].get(timeout=timeout_s)
+    except queue.Empty:
+        return ""
+
+
 def start_daemon(state: Path) -> tuple[subprocess.Popen, str]:
     address = f"unix:{state / 'd.sock'}"
     proc = subprocess.Popen([sys.executable, "-m", "edge_client.daemon", "daemon", "--state-dir", str(state),
                              "--listen", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    line = proc.stdout.readline()
+    line = read_line(proc)
     assert "listening on" in line, line
     return proc, address
 
@@ -90,18 +107,21 @@ def test_daemon_sessions(tiny_dir, data_file, tmp_path, capsys):
 
 def test_sigkilled_daemon_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path, capsys):
     model_dir = tiny_dir("llama", layers=4)
-    epochs = 12
+    epochs = 150  # long enough (~5 s) that the kill lands mid-run
     state = tmp_path / "state"
     daemon, address = start_daemon(state)
     try:
         sid = submit(address, capsys, model_dir, data_file, tmp_path / "run", epochs=epochs)
-        wait_state(address, capsys, sid, lambda s: s["epoch"] >= 4)
+        s = wait_state(address, capsys, sid, lambda s: s["epoch"] >= 4)
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
+        assert s["state"] == "running", s
         checkpoints = sorted(p.name for p in (state / "sessions" / sid / "checkpoints").glob("epoch-*"))
         assert checkpoints, "no checkpoint before the kill"
         daemon, address = start_daemon(state)
-        assert "resumed 1 interrupted session" in daemon.stdout.readline()
+        status_after_kill = json.loads((state / "sessions" / sid / "status.json").read_text())
+        assert status_after_kill["epoch"] < epochs, "the run ended before the kill; make it longer"
+        assert "resumed 1 interrupted session" in read_line(daemon)
         s = wait_state(address, capsys, sid, lambda s: s["state"] in ("done", "failed"))
         assert s["state"] == "done", s
     finally:

@@ -23,8 +23,9 @@ from edge_client.model_parts import EdgeModel
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def start_cloud(model_dir: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cloud_server.cli", "serve", "--model", str(model_dir), "--port", "0"],
+def start_cloud(model_dir: Path, redis_url: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_server.cli", "serve", "--model", str(model_dir), "--port", "0",
+                             "--redis-url", redis_url],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -43,9 +44,9 @@ def dlora(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_train_against_cloud_process_equals_local_train(family, tiny_dir, data_file, tmp_path):
+def test_train_against_cloud_process_equals_local_train(family, tiny_dir, data_file, tmp_path, redis_url):
     model_dir = tiny_dir(family)
-    proc, address = start_cloud(model_dir)
+    proc, address = start_cloud(model_dir, redis_url)
     try:
         flags = ["--model", str(model_dir), "--data", str(data_file), "--epochs", "2", "--batch-size", "5",
                  "--lr", "1e-2", "--rank", "4", "--no-progress"]
