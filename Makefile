@@ -32,6 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check common cloud_server edge_client tests
 	$(BIN)/mypy common
 
+bench: $(STAMP)
+	$(BIN)/dlora bench
+
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py common/pb
 
