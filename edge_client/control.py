@@ -51,6 +51,8 @@ def _eta(seconds: float) -> str:
 def describe(s: pb.SessionStatus) -> str:
     """One line a person reads at a glance."""
     line = f"{s.session_id}  {s.state:<8} {s.kind:<11} epoch {s.epoch}/{s.epochs}  step {s.step}/{s.total_steps}"
+    if not s.step and s.state == "running":
+        line += "  (loading the model and running the first step)"
     if s.step:
         line += f"  loss {s.loss:.4f}  active {s.active}/{s.layers}"
         if s.kind == "train":
