@@ -34,14 +34,13 @@ from edge_client.trainer import train
 def bytes_per_epoch(out: Path, edge: EdgeModel, mode: str, wire: str = "float32") -> list[int]:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kr = [json.loads(line) for line in (out / "kr_log.jsonl").read_text().splitlines()]
-    groups = [(576, sum(t.out_features for t in edge.targets if t.layer == 0))]
     totals = []
     for epoch, decision in enumerate(kr, 1):
         roles = layer_roles(set(decision["active"]), edge.num_layers, mode)  # type: ignore[arg-type]
         total = 0
         for m in (m for m in metrics if m["epoch"] == epoch):
             b, t = m["batch_shape"]
-            c = step_cost(b * t, edge.embed_width, edge.head_width, groups, roles, True, wire, 4096)
+            c = step_cost(b * t, edge.embed_width, edge.head_width, edge.group_shapes(), roles, True, wire, 4096)
             total += c.up + c.down
         totals.append(total)
     return totals

@@ -95,12 +95,6 @@ class SessionStore:
             p.expire(commands_key(session_id), self.ttl)
             p.execute()
 
-    def kr_state(self, session_id: str) -> KRState:
-        rec = self.load(session_id)
-        if rec is None:
-            raise SessionError(f"session {session_id} is unknown or expired on this cloud; start a new session")
-        return KRState.from_json(rec["kr_state"])
-
 
 class KRQueue:
     """The service's side: publish a report, wait for its command."""

@@ -110,9 +110,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         wire.append(traffic.wire_up + traffic.wire_down)
     engine.close()
     edge = engine.edge
-    groups = [(edge.embed_width, sum(t.out_features for t in edge.targets if t.layer == 0))]
     n = spec["batch_size"] * spec["seq_len"]
-    formula = step_cost(n, edge.embed_width, edge.head_width, groups, roles, True, cfg.wire, 4096)
+    formula = step_cost(n, edge.embed_width, edge.head_width, edge.group_shapes(), roles, True, cfg.wire, 4096)
     return {
         "median_step_s": statistics.median(times), "cpu_s_per_step": statistics.mean(cpu),
         "peak_rss_mb": peak_rss_mb(), "final_loss": loss,

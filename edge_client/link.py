@@ -51,14 +51,6 @@ class Traffic:
     wire_down: int = 0
     messages: dict[str, int] = field(default_factory=dict)  # message kind -> count
 
-    def add(self, other: Traffic) -> None:
-        self.payload_up += other.payload_up
-        self.payload_down += other.payload_down
-        self.wire_up += other.wire_up
-        self.wire_down += other.wire_down
-        for k, v in other.messages.items():
-            self.messages[k] = self.messages.get(k, 0) + v
-
 
 def _payload(msg: pb.EdgeMessage | pb.CloudMessage) -> int:
     body = getattr(msg, msg.WhichOneof("kind"))

@@ -132,6 +132,14 @@ class EdgeModel:
         """max_length, lowered to what the model's positions allow."""
         return min(max_length, self.max_positions) if self.max_positions else max_length
 
+    def group_shapes(self) -> list[tuple[int, int]]:
+        """(input width, summed output width) of every input group that has targets, as one layer
+        sends them on the wire (the same in every layer); what common.wire_cost.step_cost takes."""
+        layer0 = [t for t in self.targets if t.layer == 0]
+        groups = sorted({t.group for t in layer0})
+        return [(next(t.in_features for t in layer0 if t.group == g), sum(t.out_features for t in layer0 if t.group == g))
+                for g in groups]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, E) input embeddings."""
         return self.embedding(input_ids)

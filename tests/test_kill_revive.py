@@ -18,11 +18,6 @@ from edge_client.trainer import train
 ACTIVE = {1, 2}  # of 4 layers: layer 0 below the lowest active, layer 3 above
 
 
-def _groups(engine: SplitEngine) -> list[tuple[int, int]]:
-    a = engine.adapter
-    return [(a.group_in_width(0, g), a.group_width(0, g)) for (layer, g) in a.by_group if layer == 0]
-
-
 @pytest.mark.parametrize("mode,forward,backward", [
     ("frozen", 4, 3),  # killed layer 3 lies above the lowest active layer: its dL/dx is needed
     ("detached", 4, 2),
@@ -41,7 +36,7 @@ def test_round_trips_and_bytes_per_kill_mode(mode, forward, backward, wire, tiny
     assert traffic.messages["down:lora_forward"] == 2 * forward  # two input groups per layer
     assert traffic.messages.get("down:lora_backward", 0) == 2 * backward
     n = batch.input_ids.numel()
-    want = step_cost(n, split.edge.embed_width, split.edge.head_width, _groups(split), roles, True, wire, 4096)
+    want = step_cost(n, split.edge.embed_width, split.edge.head_width, split.edge.group_shapes(), roles, True, wire, 4096)
     assert (traffic.payload_up, traffic.payload_down) == (want.up, want.down)
     killed = [p for layer, ps in split.params_by_layer().items() if layer not in ACTIVE for p in ps]
     assert killed and all(p.grad is None for p in killed)
