@@ -14,7 +14,7 @@ from concurrent import futures
 import grpc
 
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect
-from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, open_spec, run_session
+from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
 from common import frames
 from common.config import ServeConfig
@@ -38,6 +38,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
 
     def __init__(self, stack: DecoderStack, config: ServeConfig, store: SessionStore, kr: KRQueue) -> None:
         self.stack, self.config, self.store, self.kr = stack, config, store, kr
+        self.pool = compute_pool(config.max_sessions)
         self._lock = threading.Lock()
         self._open: set[str] = set()
 
@@ -92,7 +93,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
 
     def _serve(self, link: EdgeLink, spec, context: grpc.ServicerContext) -> None:  # type: ignore[no-untyped-def]
         try:
-            run_session(link, self.stack, spec, self.config.max_tokens, self.kr)
+            run_session(link, self.stack, spec, self.config.max_tokens, self.kr, self.pool)
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))
@@ -139,8 +140,8 @@ class CloudServer:
             options=channel_options(config.max_message_mb),
             maximum_concurrent_rpcs=config.max_sessions + 4,
         )
-        servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store))
-        self.server.add_generic_rpc_handlers([handlers(servicer)])
+        self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store))
+        self.server.add_generic_rpc_handlers([handlers(self.servicer)])
         try:
             self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         except RuntimeError as e:
@@ -153,4 +154,5 @@ class CloudServer:
     def stop(self, grace: float | None = None) -> None:
         self.worker.stop_event.set()
         self.server.stop(grace).wait()
+        self.servicer.pool.shutdown(wait=False, cancel_futures=True)  # cancelled streams end their micro-batches
         self.worker.join(timeout=5)
