@@ -114,17 +114,23 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, codec: str, block_size: int = D
 
 
 def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 absmax per block), both on the CPU; the arithmetic runs where t lives.
+
+    One temporary the size of t (|t|, then reused as the scaled values, rounded and clamped in place).
+    """
     if block_size < 1:
         raise ProtocolError(f"int8 block size must be >= 1, got {block_size}")
-    flat = t.reshape(-1).to(torch.float32).cpu()
+    flat = t.reshape(-1).to(torch.float32)
     n = flat.numel()
     pad = (-n) % block_size
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)  # (n_blocks, block)
-    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)  # (n_blocks, block)
+    scaled = blocks.abs()  # the one temporary: |x| here, x / absmax * 127 below
+    absmax = scaled.amax(dim=1)  # (n_blocks,)
     # divide (not multiply by 127/absmax, which overflows for subnormal absmax); all-zero blocks stay 0
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    q = torch.round(blocks / safe[:, None] * 127.0).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return q, absmax
+    torch.div(blocks, safe[:, None], out=scaled)
+    q = scaled.mul_(127.0).round_().clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return q.cpu(), absmax.cpu()
 
 
 def nbytes(msg: pb.Tensor) -> int:
@@ -199,7 +205,7 @@ def decode(
         return _frombuffer(data, torch.uint8).view(got_shape).to(device)
     if spec.codec == pb.INT8_BLOCKWISE:
         # int8 values are always finite; the scales were checked, so the product is too
-        return _int8_decode(msg, data, numel, what).view(got_shape).to(device, out_dtype)
+        return _int8_decode(msg, data, numel, what, device).view(got_shape).to(out_dtype)
     # move, then convert and check where the result lives (a GPU does both far faster)
     t = _frombuffer(data, spec.dtype).view(got_shape).to(device).to(out_dtype)
     if not all_finite(t):
@@ -207,7 +213,9 @@ def decode(
     return t
 
 
-def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str) -> torch.Tensor:
+def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str,
+                 device: torch.device | str) -> torch.Tensor:
+    """float32 values on `device`: the int8 bytes move there first (a quarter of float32's)."""
     bs = msg.block_size
     if bs < 1:
         raise ProtocolError(f"{what}: int8 block_size must be >= 1, got {bs}")
@@ -217,7 +225,8 @@ def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str
     absmax = _frombuffer(msg.scales, torch.float32)
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
         raise ProtocolError(f"{what}: int8 scales must be finite and non-negative")
-    q = _frombuffer(data, torch.int8).to(torch.float32)
+    q = _frombuffer(data, torch.int8).to(device).to(torch.float32)
     pad = n_blocks * bs - numel
-    blocks = torch.nn.functional.pad(q, (0, pad)).view(n_blocks, bs)
-    return (blocks / 127.0 * absmax[:, None]).reshape(-1)[:numel]  # scale last: exact for subnormal absmax
+    blocks = (torch.nn.functional.pad(q, (0, pad)) if pad else q).view(n_blocks, bs)
+    # scale last: exact for subnormal absmax
+    return blocks.div_(127.0).mul_(absmax.to(device)[:, None]).reshape(-1)[:numel]
