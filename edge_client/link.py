@@ -75,6 +75,7 @@ class CloudLink:
         self.session_id = ""
         self.num_layers = edge.num_layers
         self._channel: grpc.Channel | None = None
+        self._reader: threading.Thread | None = None
         self._outbox: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[object] = queue.Queue()
         self._wire_up = self._wire_down = 0  # serialized bytes of whole messages, this link's lifetime
@@ -121,6 +122,11 @@ class CloudLink:
             self._outbox.put(_END)
             self._channel.close()
             self._channel = None
+            # the reader is blocked in gRPC's C core until the close cancels its call; a process that
+            # exits while it still is there can abort ("terminate called without an active exception")
+            if self._reader is not None:
+                self._reader.join(timeout=10)
+                self._reader = None
 
     def _read(self) -> None:
         try:
