@@ -60,18 +60,23 @@ def netem_status() -> str:
 class _Direction:
     """One direction of the link: serialisation at `rate`, then `delay` of flight."""
 
-    def __init__(self, delay: float, rate: float) -> None:
-        self.delay, self.rate, self.free_at = delay, rate, 0.0
+    def __init__(self, name: str, delay: float, rate: float, busy: list[tuple[str, float, float]] | None) -> None:
+        self.name, self.delay, self.rate, self.free_at, self.busy = name, delay, rate, 0.0, busy
 
     def departure(self, now: float, size: int) -> float:
-        self.free_at = max(now, self.free_at) + size / self.rate
+        start = max(now, self.free_at)
+        self.free_at = start + size / self.rate
+        if self.busy is not None:
+            self.busy.append((self.name, start, self.free_at))
         return self.free_at + self.delay
 
 
 class LinkEmulator:
     """A TCP relay 127.0.0.1:port -> upstream with a delayed, rate-limited link in each direction."""
 
-    def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float) -> None:
+    def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float, record: bool = False) -> None:
+        """record: keep every transmission as ("up"|"down", start, end) in `busy` (time.monotonic)."""
+        self.busy: list[tuple[str, float, float]] | None = [] if record else None
         self.upstream_host, port = upstream.rsplit(":", 1)
         self.upstream_port = int(port)
         self.delay, self.rate = delay_s, rate_bytes_s
@@ -90,10 +95,14 @@ class LinkEmulator:
         self._loop.run_forever()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+        except OSError:  # the cloud is gone: the device sees its connection closed, as on a real link
+            writer.close()
+            return
         await asyncio.gather(
-            self._pump(reader, up_writer, _Direction(self.delay, self.rate)),
-            self._pump(up_reader, writer, _Direction(self.delay, self.rate)),
+            self._pump(reader, up_writer, _Direction("up", self.delay, self.rate, self.busy)),
+            self._pump(up_reader, writer, _Direction("down", self.delay, self.rate, self.busy)),
         )
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Direction) -> None:
@@ -122,6 +131,13 @@ class LinkEmulator:
             pass
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
