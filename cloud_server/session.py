@@ -323,10 +323,10 @@ class _MicroBatch:
 def compute_pool(max_sessions: int) -> ThreadPoolExecutor:
     """The threads that run micro-batches, shared by all sessions and kept for the server's life.
 
-    Reused threads matter on a CPU: a fresh thread per step ran this repo's bench model's forward and
-    backward ~1.4x slower than a long-lived one (each new thread starts a new OpenMP team and a new
-    malloc arena, so every step page-faults its activations in again). Idle threads are reused; new
-    ones are made only while all are busy.
+    Reused threads matter on a CPU: measured alone, the bench model's forward and backward ran ~1.4x
+    slower in a fresh thread than in a long-lived one (each new thread starts a new OpenMP team and a
+    new malloc arena, so its activations are page-faulted in again). Idle threads are reused; new ones
+    are made only while all are busy.
     """
     return ThreadPoolExecutor(max_workers=max_sessions * MAX_MICRO_BATCHES_IN_FLIGHT, thread_name_prefix="dlora-step")
 

@@ -117,13 +117,15 @@ class CloudLink:
         log.info("session %s on %s (%s, %d layers)", self.session_id, self.address, welcome.model_type, welcome.num_layers)
         return self.session_id
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 2.0) -> None:
+        """End the session: half-close the stream, give the cloud drain_s to end it with its status,
+        then close the channel (which cancels the call only if the cloud has not ended it)."""
         if self._channel is not None:
             self._outbox.put(_END)
+            if self._reader is not None:
+                self._reader.join(timeout=drain_s)
             self._channel.close()
             self._channel = None
-            # the reader is blocked in gRPC's C core until the close cancels its call; a process that
-            # exits while it still is there can abort ("terminate called without an active exception")
             if self._reader is not None:
                 self._reader.join(timeout=10)
                 self._reader = None
