@@ -11,9 +11,6 @@ cloud) and down, in 20 ms bins, with each direction's busy share.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from edge_client.bench import TARGETS  # noqa: E402
+from edge_client.bench import TARGETS, run_worker  # noqa: E402
 from edge_client.cli import default_cache  # noqa: E402
 from edge_client.cloud_process import CloudProcess  # noqa: E402
 from edge_client.link_emulator import LinkEmulator, parse_wan  # noqa: E402
@@ -54,10 +51,10 @@ def main() -> None:
             spec = {"model": str(model), "steps": args.steps, "batch_size": 8, "seq_len": 128, "kill_mode": "detached",
                     "device": "cpu", "local_dtype": "float32", "cloud": relay.address, "wire": args.wire, "budget": 10**9,
                     "micro_batches": m}
-            r = subprocess.run([sys.executable, "-m", "edge_client.bench", "--worker", json.dumps(spec)],
-                               capture_output=True, text=True, check=True)
-            relay.close()
-            step_s = json.loads(r.stdout.strip().splitlines()[-1])["median_step_s"]
+            try:
+                step_s = run_worker({**spec, "name": f"split M={m}"})["median_step_s"]
+            finally:
+                relay.close()
             busy = relay.busy or []
             end = max(e for _, _, e in busy)
             start = end - 2 * step_s

@@ -121,7 +121,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh process; its result dict.
+
+    Raises:
+        ConfigError: the worker failed (its last stderr line says why).
+    """
     r = subprocess.run([sys.executable, "-m", "edge_client.bench", "--worker", json.dumps(spec)],
                        capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
@@ -180,7 +185,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
             link = (f"{args.wan} emulated in user space (kernel netem {status})" if status != "available"
                     else f"{args.wan} emulated in user space")
             print(f"--wan {args.wan}: kernel netem {status}; using the user-space link emulator", flush=True)
-        local = _run_worker({**base, "name": "local-train", "budget": 10**9})
+        local = run_worker({**base, "name": "local-train", "budget": 10**9})
         layers = local["layers"]
         budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
         rows = [{**local, "name": "local-train", "ratio": 1.0}]
@@ -189,7 +194,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
             for budget in budgets:
                 for m in micro:
                     spec = {**base, "name": "split", "cloud": address, "wire": wire, "budget": budget, "micro_batches": m}
-                    row = {**_run_worker(spec), "name": "split", "wire": wire, "micro_batches": m}
+                    row = {**run_worker(spec), "name": "split", "wire": wire, "micro_batches": m}
                     row["ratio"] = row["median_step_s"] / local["median_step_s"]
                     rows.append(row)
                     print(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step "
