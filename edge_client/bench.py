@@ -3,11 +3,14 @@
 Every configuration trains the same model on the same seeded batches from the same LoRA weights,
 each in a fresh process (so CPU time and peak RSS are its own): (a) local-train, the cloud-only
 baseline, and (b) the split through a dlora-cloud child process over 127.0.0.1 (or an emulated
-device link, --wan), for each wire codec and budget. For budget b < L the active modules are b
-layers spread evenly over the stack, killed ones in --kill-mode (the bench measures cost, not
-accuracy). Reported per configuration: median step time and its ratio to (a), payload bytes per
-step measured and by the DESIGN.md formula, the device's CPU seconds per step and peak RSS next
-to the full model's size, and the final loss.
+device link, --wan), for each wire codec and budget. Each split configuration runs alongside its
+own local-train process, the two taking their steps in turn, so the ratio compares steps taken
+seconds apart (a shared machine's speed drifts more than the difference being measured). For
+budget b < L the active modules are b layers spread evenly over the stack, killed ones in
+--kill-mode (the bench measures cost, not accuracy). Reported per configuration: median step time,
+local-train's alongside it and their ratio, payload bytes per step measured and by the DESIGN.md
+formula, the device's CPU seconds per step and peak RSS next to the full model's size, and the
+final loss.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import torch
 
 from common.config import TrainConfig
 from common.errors import ConfigError
+from common.model_files import load_config
 from common.wire_cost import step_cost
 from edge_client.cloud_process import CloudProcess
 from edge_client.data import Batch
@@ -77,61 +82,174 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration, in this (fresh) process."""
-    from edge_client.engines import LocalEngine, SplitEngine
+class _Trainer:
+    """One configuration's training loop, in this (fresh) process, one step at a time."""
 
-    cfg = TrainConfig(model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
-                      wire=spec.get("wire", "float32"), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
-                      micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
-                      device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
-    engine = SplitEngine(cfg) if cfg.cloud else LocalEngine(cfg)
-    layers = engine.num_layers
-    active = spread(spec["budget"], layers) if spec["budget"] < layers else set(range(layers))
-    engine.set_active(active, spec["kill_mode"])
-    roles = layer_roles(active, layers, spec["kill_mode"])
-    opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
-    vocab = int(engine.edge.config.vocab_size)
-    batches = synthetic_batches(spec["steps"] + 1, spec["batch_size"], spec["seq_len"], vocab, seed=0)
-    times, cpu, loss, up, down, wire = [], [], 0.0, [], [], []
-    for step, batch in enumerate(batches):
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from edge_client.engines import LocalEngine, SplitEngine
+
+        self.cfg = cfg = TrainConfig(
+            model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
+            wire=spec.get("wire", "float32"), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
+            micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
+            device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
+        self.spec = spec
+        self.engine = engine = SplitEngine(cfg) if cfg.cloud else LocalEngine(cfg)
+        layers = engine.num_layers
+        self.active = spread(spec["budget"], layers) if spec["budget"] < layers else set(range(layers))
+        engine.set_active(self.active, spec["kill_mode"])
+        self.roles = layer_roles(self.active, layers, spec["kill_mode"])
+        self.opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
+        vocab = int(engine.edge.config.vocab_size)
+        self.batches = synthetic_batches(spec["steps"] + 1, spec["batch_size"], spec["seq_len"], vocab, seed=0)
+        self.next = 0
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.payload: list[int] = []
+        self.wire: list[int] = []
+        self.loss = 0.0
+
+    def step(self) -> float:
+        """Train on the next batch; its wall seconds. Step 0 is the warm-up (allocator, gRPC channel, lazy
+        inits) and is not recorded."""
         t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        loss, traffic = engine.train_step(batch, step, roles)
-        opt.step()
-        if cfg.device == "cuda":
+        self.opt.zero_grad(set_to_none=True)
+        self.loss, traffic = self.engine.train_step(self.batches[self.next], self.next, self.roles)
+        self.opt.step()
+        if self.cfg.device == "cuda":
             torch.cuda.synchronize()
-        if step == 0:
-            continue  # warm-up: allocator, gRPC channel, lazy inits
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        up.append(traffic.payload_up)
-        down.append(traffic.payload_down)
-        wire.append(traffic.wire_up + traffic.wire_down)
-    engine.close()
-    edge = engine.edge
-    n = spec["batch_size"] * spec["seq_len"]
-    formula = step_cost(n, edge.embed_width, edge.head_width, edge.group_shapes(), roles, True, cfg.wire, 4096)
-    return {
-        "median_step_s": statistics.median(times), "cpu_s_per_step": statistics.mean(cpu),
-        "peak_rss_mb": peak_rss_mb(), "final_loss": loss,
-        "payload_per_step": statistics.mean(u + d for u, d in zip(up, down)) if cfg.cloud else 0,
-        "formula_per_step": formula.up + formula.down if cfg.cloud else 0,
-        "wire_per_step": statistics.mean(wire) if cfg.cloud else 0, "active": len(active), "layers": layers,
-    }
+        seconds = time.perf_counter() - t0
+        if self.next > 0:
+            self.times.append(seconds)
+            self.cpu.append(time.process_time() - c0)
+            self.payload.append(traffic.payload_up + traffic.payload_down)
+            self.wire.append(traffic.wire_up + traffic.wire_down)
+        self.next += 1
+        return seconds
+
+    @property
+    def remaining(self) -> int:
+        return len(self.batches) - self.next
+
+    def result(self) -> dict[str, Any]:
+        self.engine.close()
+        edge, spec, split = self.engine.edge, self.spec, self.cfg.cloud is not None
+        n = spec["batch_size"] * spec["seq_len"]
+        formula = step_cost(n, edge.embed_width, edge.head_width, edge.group_shapes(), self.roles, True,
+                            self.cfg.wire, 4096)
+        return {
+            "median_step_s": statistics.median(self.times), "step_s": self.times,
+            "cpu_s_per_step": statistics.mean(self.cpu), "peak_rss_mb": peak_rss_mb(), "final_loss": self.loss,
+            "payload_per_step": statistics.mean(self.payload) if split else 0,
+            "formula_per_step": formula.up + formula.down if split else 0,
+            "wire_per_step": statistics.mean(self.wire) if split else 0,
+            "active": len(self.active), "layers": len(self.roles),
+        }
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in a fresh process; its result dict.
+_SETTLE_S = 0.1  # between two workers' steps: the idle one's OpenMP threads stop spinning (libgomp's default: ~8 ms)
+_REPLY = "dlora-bench "  # marks the worker's protocol lines on its stdout
+
+
+def serve_worker(spec: dict[str, Any]) -> None:
+    """The worker process: set up, take the warm-up step, then obey "step" / "finish" lines on stdin."""
+    trainer = _Trainer(spec)
+    trainer.step()
+    print(_REPLY + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step" and trainer.remaining:
+            print(_REPLY + json.dumps({"step_s": trainer.step()}), flush=True)
+        elif line.strip() == "finish":
+            print(_REPLY + json.dumps(trainer.result()), flush=True)
+            return
+
+
+class Worker:
+    """One configuration in a fresh process (so its CPU time and peak RSS are its own), stepped from here.
 
     Raises:
         ConfigError: the worker failed (its last stderr line says why).
     """
-    r = subprocess.run([sys.executable, "-m", "edge_client.bench", "--worker", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=3600)
-    if r.returncode != 0:
-        raise ConfigError(f"bench configuration {spec.get('name')} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.name = spec.get("name", "worker")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([sys.executable, "-m", "edge_client.bench", "--worker", json.dumps(spec)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._stdin, self._stdout = self._proc.stdin, self._proc.stdout  # both set: PIPE
+
+    def _ask(self, command: str | None) -> dict[str, Any]:
+        try:
+            if command is not None:
+                self._stdin.write(command + "\n")  # type: ignore[union-attr]
+                self._stdin.flush()  # type: ignore[union-attr]
+            while line := self._stdout.readline():  # type: ignore[union-attr]
+                if line.startswith(_REPLY):
+                    return json.loads(line[len(_REPLY):])
+        except BrokenPipeError:
+            pass
+        self._proc.wait()
+        self._stderr.seek(0)
+        last = (self._stderr.read().strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"bench configuration {self.name} failed: {last}")
+
+    def ready(self) -> None:
+        """Wait until the worker has set up and taken its warm-up step."""
+        self._ask(None)
+
+    def step(self) -> float:
+        return float(self._ask("step")["step_s"])
+
+    def finish(self) -> dict[str, Any]:
+        result = self._ask("finish")
+        self._proc.wait()
+        self._stderr.close()
+        return result
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr.close()
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh process, its steps back to back; its result dict.
+
+    Raises:
+        ConfigError: the worker failed (its last stderr line says why).
+    """
+    worker = Worker(spec)
+    try:
+        worker.ready()
+        for _ in range(spec["steps"]):
+            worker.step()
+        return worker.finish()
+    finally:
+        worker.kill()
+
+
+def run_paired(local_spec: dict[str, Any], spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """local-train and one split configuration in two fresh processes, taking their steps in turn.
+
+    On a shared machine the speed of the cores drifts by tens of percent within seconds; steps taken
+    in alternation see the same drift, so their ratio holds where back-to-back runs do not.
+
+    Raises:
+        ConfigError: a worker failed.
+    """
+    local, split = Worker(local_spec), Worker(spec)
+    try:
+        local.ready()
+        split.ready()
+        for i in range(spec["steps"]):
+            for worker in (local, split) if i % 2 == 0 else (split, local):
+                time.sleep(_SETTLE_S)
+                worker.step()
+        return local.finish(), split.finish()
+    finally:
+        local.kill()
+        split.kill()
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -141,15 +259,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"cloud {meta['cloud']}, device {meta['device']}, local-train base {meta['local_dtype']}"
         f"{'; GPU ' + meta['gpu'] if meta.get('gpu') else ''}; {meta['date']}.",
         "",
-        "| config | wire | budget | M | median step s | x local | payload MB/step | formula MB/step | diff % "
-        "| device CPU s/step | device peak RSS MB | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | wire | budget | M | median step s | local-train alongside s | x local | payload MB/step "
+        "| formula MB/step | diff % | device CPU s/step | device peak RSS MB | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = 100 * (r["payload_per_step"] / r["formula_per_step"] - 1) if r["formula_per_step"] else 0.0
         lines.append(
             f"| {r['name']} | {r.get('wire', '-')} | {r['active']}/{r['layers']} | {r.get('micro_batches', 1)} "
-            f"| {r['median_step_s']:.3f} | {r['ratio']:.2f} | {r['payload_per_step'] / 1e6:.2f} "
+            f"| {r['median_step_s']:.3f} | {r['local_step_s']:.3f} | {r['ratio']:.2f} | {r['payload_per_step'] / 1e6:.2f} "
             f"| {r['formula_per_step'] / 1e6:.2f} | {diff:+.2f} | {r['cpu_s_per_step']:.2f} | {r['peak_rss_mb']:.0f} "
             f"| {r['final_loss']:.4f} |"
         )
@@ -185,20 +303,26 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
             link = (f"{args.wan} emulated in user space (kernel netem {status})" if status != "available"
                     else f"{args.wan} emulated in user space")
             print(f"--wan {args.wan}: kernel netem {status}; using the user-space link emulator", flush=True)
-        local = run_worker({**base, "name": "local-train", "budget": 10**9})
-        layers = local["layers"]
+        layers = int(load_config(Path(model_dir)).num_hidden_layers)
         budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
-        rows = [{**local, "name": "local-train", "ratio": 1.0}]
-        print(f"local-train: {local['median_step_s']:.3f} s/step", flush=True)
+        local_spec = {**base, "name": "local-train", "budget": 10**9}
+        rows, local_steps = [], []
         for wire in wires:
             for budget in budgets:
                 for m in micro:
                     spec = {**base, "name": "split", "cloud": address, "wire": wire, "budget": budget, "micro_batches": m}
-                    row = {**run_worker(spec), "name": "split", "wire": wire, "micro_batches": m}
-                    row["ratio"] = row["median_step_s"] / local["median_step_s"]
+                    local, split = run_paired(local_spec, spec)
+                    if not rows:
+                        rows.append({**local, "name": "local-train"})
+                    local_steps += local["step_s"]
+                    row = {**split, "name": "split", "wire": wire, "micro_batches": m,
+                           "local_step_s": local["median_step_s"]}
+                    row["ratio"] = row["median_step_s"] / row["local_step_s"]
                     rows.append(row)
-                    print(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step "
-                          f"({row['ratio']:.2f}x local)", flush=True)
+                    print(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step, "
+                          f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)", flush=True)
+        rows[0].update(median_step_s=statistics.median(local_steps), local_step_s=statistics.median(local_steps),
+                       ratio=1.0)
     finally:
         if relay is not None:
             relay.close()
@@ -220,7 +344,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.setswitchinterval(float(os.environ.get("DLORA_GIL_SWITCH_S", "0.005")))
-        print(json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+        serve_worker(json.loads(sys.argv[2]))
         sys.stderr.flush()
         # The result is out; skip the interpreter's teardown. In ~2% of runs here it aborted after the
         # result ("terminate called without an active exception", from a native thread at exit).

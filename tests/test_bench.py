@@ -1,0 +1,36 @@
+"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ConfigError
+from edge_client.bench import Worker, run_paired, run_worker
+
+
+def _spec(model_dir, **kw):  # type: ignore[no-untyped-def]
+    return {"model": str(model_dir), "steps": 2, "batch_size": 2, "seq_len": 16, "kill_mode": "detached",
+            "device": "cpu", "local_dtype": "float32", **kw}
+
+
+def test_paired_split_matches_local_and_formula(tiny_dir, cloud):
+    model = tiny_dir("llama")
+    address = cloud(model)
+    local, split = run_paired(_spec(model, name="local-train", budget=10**9),
+                              _spec(model, name="split", cloud=address, wire="float32", budget=10**9, micro_batches=2))
+    for r in (local, split):
+        assert len(r["step_s"]) == 2 and r["median_step_s"] > 0 and r["cpu_s_per_step"] > 0
+    assert split["final_loss"] == pytest.approx(local["final_loss"], abs=1e-4)  # the split trains as PEFT does
+    assert split["payload_per_step"] == split["formula_per_step"] > 0
+    assert local["payload_per_step"] == 0
+
+    killed = run_worker(_spec(model, name="split int8", cloud=address, wire="int8", budget=2, micro_batches=1))
+    assert (killed["active"], killed["layers"]) == (2, 3)
+    assert killed["payload_per_step"] == killed["formula_per_step"] < split["formula_per_step"] / 3
+
+
+def test_worker_failure_names_the_configuration(tmp_path):
+    worker = Worker(_spec(tmp_path / "missing", name="split float32", budget=1))
+    with pytest.raises(ConfigError, match="bench configuration split float32 failed: .*does not exist"):
+        worker.ready()
+    worker.kill()
