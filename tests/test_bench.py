@@ -1,6 +1,11 @@
-"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula."""
+"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula, and the
+OpenMP setting every dlora process starts with."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,3 +39,16 @@ def test_worker_failure_names_the_configuration(tmp_path):
     with pytest.raises(ConfigError, match="bench configuration split float32 failed: .*does not exist"):
         worker.ready()
     worker.kill()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, "30000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_dlora_processes_shorten_openmp_spinning_unless_told(env, expected):
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for package in ("edge_client", "cloud_server"):
+        code = f"import os, {package}, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+        out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert out == str(expected)
