@@ -49,9 +49,10 @@ def _die_with_parent() -> None:
 class _Progress:
     """Turns the trainer's step and epoch events into status.json."""
 
-    def __init__(self, session_dir: Path, status: dict[str, Any]) -> None:
-        self.dir, self.status = session_dir, status
+    def __init__(self, session_dir: Path, status: dict[str, Any], metrics: Path) -> None:
+        self.dir, self.status, self.metrics = session_dir, status, metrics
         self.recent: deque[float] = deque(maxlen=20)  # step end times
+        self.counted = False  # byte totals taken from metrics.jsonl yet
 
     def __call__(self, event: dict[str, Any]) -> None:
         s = self.status
@@ -61,8 +62,17 @@ class _Progress:
             s.update(epoch=event["epoch"], step=event["step"], total_steps=event["total_steps"], loss=event["loss"],
                      active=event["active_modules"], steps_per_s=rate,
                      eta_s=(event["total_steps"] - event["step"]) / rate if rate else 0.0)
-            s["bytes_to_cloud"] = s.get("bytes_to_cloud", 0) + event["bytes_to_cloud"]
-            s["bytes_from_cloud"] = s.get("bytes_from_cloud", 0) + event["bytes_from_cloud"]
+            if self.counted:
+                s["bytes_to_cloud"] += event["bytes_to_cloud"]
+                s["bytes_from_cloud"] += event["bytes_from_cloud"]
+            else:
+                # First step of this process: a resumed run redoes the steps after its checkpoint, which
+                # the totals in status.json already hold. metrics.jsonl has one row per step kept (the
+                # trainer has just dropped the redone ones and written this step's).
+                rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+                s["bytes_to_cloud"] = sum(r["bytes_to_cloud"] for r in rows)
+                s["bytes_from_cloud"] = sum(r["bytes_from_cloud"] for r in rows)
+                self.counted = True
         else:
             s["active"] = len(event["next_active"])
         write_status(self.dir, s)
@@ -84,8 +94,8 @@ def run(session_dir: Path) -> int:
         engine = SplitEngine(cfg) if request["kind"] == "train" else LocalEngine(cfg)
         status["layers"] = engine.num_layers
         try:
-            train(cfg, engine, session_dir / "checkpoints", observer=_Progress(session_dir, status),
-                  should_stop=stop.is_set)
+            progress = _Progress(session_dir, status, cfg.output / "metrics.jsonl")
+            train(cfg, engine, session_dir / "checkpoints", observer=progress, should_stop=stop.is_set)
         finally:
             engine.close()
     except Stopped as e:

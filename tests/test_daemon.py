@@ -145,3 +145,22 @@ def test_no_daemon_says_how_to_start_one(tmp_path, capsys):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def test_status_byte_totals_do_not_count_redone_steps_twice(tmp_path):
+    """A resumed split session redoes the steps after its checkpoint; status.json's totals held them already."""
+    from edge_client.session_runner import _Progress, read_status
+
+    metrics = tmp_path / "metrics.jsonl"
+    row = {"epoch": 1, "loss": 1.0, "active_modules": 2, "bytes_to_cloud": 100, "bytes_from_cloud": 40}
+    # before the stop: steps 1-3 ran, the checkpoint is at step 2; the resumed trainer dropped row 3 and wrote it again
+    stale = {"session_id": "s", "state": "running", "bytes_to_cloud": 300, "bytes_from_cloud": 120}
+    metrics.write_text("".join(json.dumps({**row, "step": k}) + "\n" for k in (1, 2, 3)))
+    progress = _Progress(tmp_path, stale, metrics)
+    for k in (3, 4):
+        if k == 4:
+            with metrics.open("a") as f:
+                f.write(json.dumps({**row, "step": k}) + "\n")
+        progress({"kind": "step", "total_steps": 8, **row, "step": k})
+    s = read_status(tmp_path)
+    assert (s["bytes_to_cloud"], s["bytes_from_cloud"]) == (400, 160)
