@@ -12,7 +12,9 @@ import queue
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
@@ -30,6 +32,13 @@ PROTOCOL = "dlora.v1"
 _END = object()
 
 HiddenCallback = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class _HeadFailed:
+    """A micro-batch's head raised in the head thread; _recv raises it in the step's thread."""
+
+    error: Exception
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class CloudLink:
         self._outbox: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[object] = queue.Queue()
         self._wire_up = self._wire_down = 0  # serialized bytes of whole messages, this link's lifetime
+        self._count = threading.Lock()  # Traffic is counted from this thread and the head thread
+        self._heads: ThreadPoolExecutor | None = None  # computes micro-batches' heads (M > 1), long-lived
 
     # -- connection
     def open(self) -> str:
@@ -129,6 +140,9 @@ class CloudLink:
             if self._reader is not None:
                 self._reader.join(timeout=10)
                 self._reader = None
+        if self._heads is not None:
+            self._heads.shutdown(wait=True)
+            self._heads = None
 
     def _read(self) -> None:
         try:
@@ -152,9 +166,10 @@ class CloudLink:
 
     def _send(self, msg: pb.EdgeMessage | Frame, traffic: Traffic) -> None:
         frame = msg if isinstance(msg, Frame) else Frame(msg)
-        traffic.payload_up += _payload(frame.msg)
         kind = "up:" + frame.kind
-        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        with self._count:
+            traffic.payload_up += _payload(frame.msg)
+            traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
         self._outbox.put(frame)
 
     def _recv(self, traffic: Traffic) -> Frame:
@@ -169,10 +184,13 @@ class CloudLink:
         if isinstance(item, grpc.RpcError):
             code = item.code().name if item.code() else "UNKNOWN"
             raise RemoteError(code, f"dlora-cloud at {self.address}: {item.details() or code}")
+        if isinstance(item, _HeadFailed):
+            raise item.error
         msg: Frame = item  # type: ignore[assignment]
-        traffic.payload_down += _payload(msg.msg)
         kind = "down:" + msg.kind
-        traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        with self._count:
+            traffic.payload_down += _payload(msg.msg)
+            traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
         return msg
 
     # -- Kill-and-Revive
@@ -237,13 +255,14 @@ class CloudLink:
                 elif kind == "hidden":
                     h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire,
                                       payload=frame.payloads.get("hidden"), device=self.edge.device)
-                    grad = parts[mb - first_mb].on_hidden(h)
-                    if train:
-                        if grad is None:
-                            raise ValueError("on_hidden must return dL/dh when training")
-                        msg = pb.EdgeMessage(hidden_grad=pb.HiddenGrad(step=step, micro_batch=mb))
-                        data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire)
-                        self._send(Frame(msg, {"grad": data}), traffic)
+                    if len(parts) == 1:
+                        self._answer_hidden(step, mb, h, parts[0].on_hidden, train, traffic)
+                    else:
+                        # Let the other micro-batches' layer calls be answered while this one's head and loss
+                        # compute: its backward then starts while they finish their forward (on a slow link,
+                        # the backward's grads go down while their deltas go up).
+                        self._head_thread().submit(self._answer_hidden_or_report, step, mb, h,
+                                                   parts[mb - first_mb].on_hidden, train, traffic)
                 elif kind == "lora_backward":
                     self._answer_backward(frame, b, t, adapter, traffic)
                 elif kind == "step_done":
@@ -256,6 +275,28 @@ class CloudLink:
         finally:
             if adapter is not None:
                 adapter.discard_pending()
+
+    def _head_thread(self) -> ThreadPoolExecutor:
+        # one long-lived thread: a fresh thread per step would start a new OpenMP team each time
+        if self._heads is None:
+            self._heads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlora-head")
+        return self._heads
+
+    def _answer_hidden(self, step: int, mb: int, h: torch.Tensor, on_hidden: HiddenCallback, train: bool,
+                       traffic: Traffic) -> None:
+        grad = on_hidden(h)
+        if train:
+            if grad is None:
+                raise ValueError("on_hidden must return dL/dh when training")
+            msg = pb.EdgeMessage(hidden_grad=pb.HiddenGrad(step=step, micro_batch=mb))
+            data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire)
+            self._send(Frame(msg, {"grad": data}), traffic)
+
+    def _answer_hidden_or_report(self, *args: Any) -> None:
+        try:
+            self._answer_hidden(*args)
+        except Exception as e:  # noqa: BLE001 - raised again in run_micro_batches, by _recv
+            self._inbox.put(_HeadFailed(e))
 
     def _answer_forward(self, frame: Frame, b: int, t: int, roles: list[int], train: bool,
                         adapter: LoraAdapter | None, traffic: Traffic) -> None:

@@ -47,3 +47,24 @@ def test_micro_batches_equal_one_batch(family, m, mode, tiny_dir, cloud, data_fi
             opt.step()
     for e in engines:
         e.close()
+
+
+def test_a_failing_head_fails_the_step_not_hangs(tiny_dir, cloud, data_file, tmp_path):
+    """With M > 1 the heads compute in their own thread; an error there is the step's error."""
+    from edge_client.link import MicroBatch
+
+    model_dir = tiny_dir("llama", layers=2)
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), micro_batches=2,
+                      progress=False, reply_timeout_s=30)
+    engine = SplitEngine(cfg)
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        emb = engine.edge.embed(ids)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        raise ValueError("head broke")
+
+    parts = [MicroBatch(emb[i : i + 1], torch.ones(1, 8, dtype=torch.long), head) for i in range(2)]
+    with pytest.raises(ValueError, match="head broke"):
+        engine.link.run_micro_batches(0, parts, layer_roles({0, 1}, 2, "detached"), True, engine.adapter)
+    engine.close()
