@@ -162,6 +162,8 @@ def serve_worker(spec: dict[str, Any]) -> None:
         elif line.strip() == "finish":
             print(_REPLY + json.dumps(trainer.result()), flush=True)
             return
+        else:  # the parent reads the last stderr line as the reason
+            sys.exit(f"bench worker: cannot do {line.strip()!r} ({trainer.remaining} batches left)")
 
 
 class Worker:

@@ -41,6 +41,17 @@ def test_worker_failure_names_the_configuration(tmp_path):
     worker.kill()
 
 
+def test_worker_asked_past_its_batches_says_so(tiny_dir):
+    worker = Worker(_spec(tiny_dir("llama"), name="local-train", budget=10**9, steps=1))
+    try:
+        worker.ready()
+        worker.step()
+        with pytest.raises(ConfigError, match="cannot do 'step' \\(0 batches left\\)"):
+            worker.step()
+    finally:
+        worker.kill()
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [({}, "30000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
