@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", type=Path, default=None, help="default $DLORA_CACHE or ~/.cache/dlora")
     r.add_argument("--seed", type=int, default=0, help="seed of the 25%%/75%% train/test split (default 0)")
 
-    b = sub.add_parser("bench", help="measure the split against local PEFT training, side by side")
+    b = sub.add_parser("bench", help="measure the split against local PEFT training, the two stepping in turn")
     b.add_argument("--model", type=Path, default=None,
                    help="model folder (default: a LLaMA-shaped random-weight model, ~34M parameters)")
     b.add_argument("--steps", type=int, default=6, help="timed steps per configuration, after one warm-up (default 6)")
