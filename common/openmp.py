@@ -6,8 +6,9 @@ machine) before it sleeps. A split step alternates between the cloud and the dev
 (one round trip per layer and direction), so each process goes idle dozens of times per step and its
 spinning threads take cores from the other process, which is exactly when that one computes. 30,000
 spins (~1–2 ms) still cover the gaps between one process's own ops. Measured on 2 cores
-(docs/benchmarks.md): the float32 split over 127.0.0.1 took 1.41–1.57x local-train's step with the
-default and 1.24–1.34x with 30,000; local-train alone is the same either way (0.97–1.03x).
+(docs/benchmarks.md): the float32 split over 127.0.0.1 took 1.37–1.57x local-train's step with the
+default (median 1.47x) and 1.24–1.38x with 30,000 (median 1.32x); local-train alone is the same either
+way (0.97–1.03x).
 
 libgomp reads the variable once, when torch loads it, so this must run before `import torch`: the
 edge and cloud packages call it first thing. An explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
