@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import torch
@@ -292,9 +291,10 @@ class CloudLink:
             data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire)
             self._send(Frame(msg, {"grad": data}), traffic)
 
-    def _answer_hidden_or_report(self, *args: Any) -> None:
+    def _answer_hidden_or_report(self, step: int, mb: int, h: torch.Tensor, on_hidden: HiddenCallback, train: bool,
+                                 traffic: Traffic) -> None:
         try:
-            self._answer_hidden(*args)
+            self._answer_hidden(step, mb, h, on_hidden, train, traffic)
         except Exception as e:  # noqa: BLE001 - raised again in run_micro_batches, by _recv
             self._inbox.put(_HeadFailed(e))
 
