@@ -7,8 +7,8 @@ the heap once more than its trim threshold is free there; its adaptive threshold
 largest block freed so far, so two 6 MB blocks freed together still get trimmed. Either way the next
 step page-faults the same memory in again and the kernel zeroes it: on dlora's CI machine that was
 ~8% of the device process's CPU time in a split step. Raising both thresholds keeps those pages:
-local-train's step took 0.82–0.89x its time and the float32 split's 0.89–0.97x, side by side, at
-~4% more peak RSS (docs/benchmarks.md).
+in paired runs local-train's step took 0.87–0.96x its time and the float32 split's 0.86–0.91x, for
+0–6% more peak RSS (docs/benchmarks.md).
 
 Blocks above MMAP_THRESHOLD still get their own mapping and go back on free, and at most
 TRIM_THRESHOLD of free memory stays at the top of a heap. glibc only (Linux wheels); a process
