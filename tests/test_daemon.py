@@ -48,10 +48,17 @@ def start_daemon(state: Path) -> tuple[subprocess.Popen, str]:
     return proc, address
 
 
-def status(address: str, capsys, session_id: str = "") -> list[dict]:
+def ok(argv: list[str], capsys) -> str:
+    """Run the dlora CLI in-process; its stdout, after checking it exited 0 (else its stderr says why)."""
     capsys.readouterr()
-    assert dlora(["--daemon", address, "status", *([session_id] if session_id else []), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    code = dlora(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, f"dlora {' '.join(argv)} exited {code}: {err.strip()}"
+    return out
+
+
+def status(address: str, capsys, session_id: str = "") -> list[dict]:
+    return json.loads(ok(["--daemon", address, "status", *([session_id] if session_id else []), "--json"], capsys))
 
 
 def wait_state(address, capsys, sid, done: callable, timeout_s=180.0) -> dict:
@@ -65,12 +72,9 @@ def wait_state(address, capsys, sid, done: callable, timeout_s=180.0) -> dict:
 
 
 def submit(address, capsys, model_dir, data_file, out, epochs=4) -> str:
-    capsys.readouterr()
-    code = dlora(["--daemon", address, "local-train", "--model", str(model_dir), "--data", str(data_file),
-                  "--output", str(out), "--epochs", str(epochs), "--batch-size", "4", "--lr", "3e-2", "--budget", "2",
-                  "--revive", "1", "--detach"])
-    assert code == 0
-    return capsys.readouterr().out.strip()
+    return ok(["--daemon", address, "local-train", "--model", str(model_dir), "--data", str(data_file),
+               "--output", str(out), "--epochs", str(epochs), "--batch-size", "4", "--lr", "3e-2", "--budget", "2",
+               "--revive", "1", "--detach"], capsys).strip()
 
 
 def test_daemon_sessions(tiny_dir, data_file, tmp_path, capsys):
@@ -83,22 +87,18 @@ def test_daemon_sessions(tiny_dir, data_file, tmp_path, capsys):
         assert s["state"] == "done", s
         assert s["step"] == s["total_steps"] == 16 and s["epoch"] == 4 and s["active"] == 2
         assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
-        capsys.readouterr()
-        assert dlora(["--daemon", address, "logs", sid]) == 0
-        assert "done; adapter in" in capsys.readouterr().out
+        assert "done; adapter in" in ok(["--daemon", address, "logs", sid], capsys)
         # stop in the middle, then resume to the end
         sid2 = submit(address, capsys, model_dir, data_file, tmp_path / "b", epochs=40)
         wait_state(address, capsys, sid2, lambda s: s["epoch"] >= 2)
-        assert dlora(["--daemon", address, "stop", sid2]) == 0
+        ok(["--daemon", address, "stop", sid2], capsys)
         s = wait_state(address, capsys, sid2, lambda s: s["state"] not in ("running", "stopping"))
         assert s["state"] == "stopped", s
-        assert dlora(["--daemon", address, "resume", sid2]) == 0
+        ok(["--daemon", address, "resume", sid2], capsys)
         wait_state(address, capsys, sid2, lambda s: s["state"] == "running")
-        assert dlora(["--daemon", address, "stop", sid2]) == 0
+        ok(["--daemon", address, "stop", sid2], capsys)
         wait_state(address, capsys, sid2, lambda s: s["state"] == "stopped")
-        capsys.readouterr()
-        assert dlora(["--daemon", address, "list"]) == 0
-        listing = capsys.readouterr().out
+        listing = ok(["--daemon", address, "list"], capsys)
         assert sid in listing and sid2 in listing and "done" in listing and "stopped" in listing
     finally:
         daemon.terminate()

@@ -49,19 +49,28 @@ def kr_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def test_cloud_killed_between_epochs_continues_both_sessions(tiny_dir, redis_url, data_file, tmp_path):
-    model_dir = tiny_dir("llama", layers=6)
+    model_dir = tiny_dir("llama", layers=24)  # ~5 s of training per run: far longer than the edges' start-up skew
     port = free_port()
-    cloud = start_cloud(model_dir, port, redis_url)
     runs = {"a": ["--budget", "2", "--revive", "1"], "b": ["--budget", "3", "--revive", "2", "--kill-mode", "frozen"]}
     common = ["--model", str(model_dir), "--data", str(data_file), "--epochs", "4", "--batch-size", "2",
               "--lr", "3e-2", "--lora-dropout", "0", "--no-progress"]
     edges = {name: subprocess.Popen([sys.executable, "-m", "edge_client.cli", "train", "--cloud", f"127.0.0.1:{port}",
-                                     "--output", str(tmp_path / name), *common, *flags],
+                                     "--output", str(tmp_path / name), "--connect-timeout", "120", *common, *flags],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for name, flags in runs.items()}
+    # the edges wait for the cloud while it loads: both start training together, not one
+    # several seconds after the other as their imports on a busy machine would have it
+    cloud = start_cloud(model_dir, port, redis_url)
     try:
-        wait_for(lambda: len(kr_log(tmp_path / "a")) >= 1, 120, "epoch 1 of session a")
+        # both streams open (b may still be importing torch when a finishes its first epoch), a between epochs
+        wait_for(lambda: len(kr_log(tmp_path / "a")) >= 1 and steps_done(tmp_path / "b") >= 1, 120,
+                 "epoch 1 of session a and a step of session b")
         cloud.send_signal(signal.SIGKILL)
         cloud.wait()
         cloud = start_cloud(model_dir, port, redis_url)
@@ -72,7 +81,7 @@ def test_cloud_killed_between_epochs_continues_both_sessions(tiny_dir, redis_url
             e.kill()
     for name, e in edges.items():
         assert e.returncode == 0, results[name][1][-2000:]
-        assert "retrying" in results[name][1]  # the kill really cut the session's stream
+        assert "retrying" in results[name][1], f"session {name} never lost its stream to the kill"
     for name, flags in runs.items():
         local = subprocess.run([sys.executable, "-m", "edge_client.cli", "local-train", "--output",
                                 str(tmp_path / f"{name}-local"), *common, *flags], capture_output=True, text=True,
