@@ -1,5 +1,5 @@
-"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula, and the
-OpenMP setting every dlora process starts with."""
+"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula; and the
+OpenMP and malloc settings every dlora process starts with."""
 
 from __future__ import annotations
 
