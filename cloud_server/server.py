@@ -13,7 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect
+from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
 from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
 from common import frames
@@ -156,3 +156,4 @@ class CloudServer:
         self.server.stop(grace).wait()
         self.servicer.pool.shutdown(wait=False, cancel_futures=True)  # cancelled streams end their micro-batches
         self.worker.join(timeout=5)
+        disconnect(self.redis)

