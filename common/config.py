@@ -59,7 +59,10 @@ class TrainConfig(_Frozen):
     max_length: int = Field(256, ge=2)  # tokens per example; longer ones are truncated
     seed: int = 0
     shuffle: bool = True
-    wire: str = "float32"  # codec for both directions
+    wire: str = "float32"  # codec for both directions, unless wire_up / wire_down say otherwise
+    wire_up: str | None = None  # codec of what the device sends (embeddings, deltas, dL/dx, dL/dh)
+    wire_down: str | None = None  # codec of what the cloud sends (layer inputs, dL/d(delta), final hidden)
+    int8_block_size: int = Field(4096, ge=1, le=1 << 24)  # elements per absmax scale, both directions
     micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
@@ -74,12 +77,20 @@ class TrainConfig(_Frozen):
     kill_threshold: float | None = Field(None, gt=0)  # Early-Kill: kill Δ < τ·mean(Δ)
     kill_mode: KillMode = "detached"  # what a killed module costs: frozen | detached | dropped
 
-    @field_validator("wire")
+    @field_validator("wire", "wire_up", "wire_down")
     @classmethod
-    def _known_wire(cls, v: str) -> str:
-        if v not in WIRE_CODECS:
+    def _known_wire(cls, v: str | None) -> str | None:
+        if v is not None and v not in WIRE_CODECS:
             raise ValueError(f"use one of {', '.join(WIRE_CODECS)}")
         return v
+
+    @property
+    def codec_up(self) -> str:
+        return self.wire_up or self.wire
+
+    @property
+    def codec_down(self) -> str:
+        return self.wire_down or self.wire
 
 
 def flag_error(error: ValidationError) -> ConfigError:

@@ -1,6 +1,6 @@
 """Bytes per micro-batch by the DESIGN.md formula, from the shapes and the layer roles alone.
 
-With N tokens (B*T), codec bytes per element c, embedding width E, head input width E_out and,
+With N tokens (B*T), codec bytes per element c (each direction may use its own codec), embedding width E, head input width E_out and,
 per input group g of a layer, its input width H_g and summed output width O_g:
 - up:   embeddings N*E*c, hidden grad N*E_out*c (training), the mask N*1,
         per present group N*O_g*c, per group that takes part in backward N*H_g*c;
@@ -41,30 +41,35 @@ def step_cost(
     groups: list[tuple[int, int]],
     roles: list[int],
     train: bool,
-    codec: str,
+    codec_up: str,
     block_size: int,
+    codec_down: str | None = None,
 ) -> WireCost:
     """Payload of one micro-batch.
 
     Args:
         groups: (H_g, O_g) of every target group of one layer (the same in every layer).
         roles: one LayerRole per layer.
+        codec_up, codec_down: the codec of each direction (codec_down defaults to codec_up).
     """
 
-    def b(width: int) -> int:
-        return tensor_bytes(n_tokens * width, codec, block_size)
+    def up_b(width: int) -> int:
+        return tensor_bytes(n_tokens * width, codec_up, block_size)
 
-    up = b(embed_width) + n_tokens  # embeddings + uint8 mask
-    down = b(head_width)
+    def down_b(width: int) -> int:
+        return tensor_bytes(n_tokens * width, codec_down or codec_up, block_size)
+
+    up = up_b(embed_width) + n_tokens  # embeddings + uint8 mask
+    down = down_b(head_width)
     if train:
-        up += b(head_width)
+        up += up_b(head_width)
     for role in roles:
         if role == pb.ABSENT:
             continue
         for h, o in groups:
-            down += b(h)
-            up += b(o)
+            down += down_b(h)
+            up += up_b(o)
             if train and role == pb.FORWARD_BACKWARD:
-                down += b(o)
-                up += b(h)
+                down += down_b(o)
+                up += up_b(h)
     return WireCost(up, down)

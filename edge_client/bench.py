@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from common.codecs import WIRE_CODECS
 from common.config import TrainConfig
 from common.errors import ConfigError
 from common.model_files import load_config
@@ -45,6 +46,34 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 def spread(budget: int, layers: int) -> set[int]:
     """`budget` layer indices spread evenly over the stack, the top layer included."""
     return {layers - 1 - round(i * layers / budget) for i in range(budget)}
+
+
+def parse_wires(text: str) -> list[str]:
+    """"float32,int8/bfloat16" -> ["float32", "int8/bfloat16"] (UP/DOWN: a codec per direction).
+
+    Raises:
+        ConfigError: an unknown codec.
+    """
+    wires = [w.strip() for w in text.split(",") if w.strip()]
+    for w in wires or [text]:
+        if not all(c in WIRE_CODECS for c in w.split("/")) or w.count("/") > 1:
+            raise ConfigError(f"--wires: {w!r} is not one of {', '.join(WIRE_CODECS)}, or UP/DOWN of two of them")
+    return wires
+
+
+def parse_micro_batches(text: str) -> list[int]:
+    """"1,4" -> [1, 4].
+
+    Raises:
+        ConfigError: anything but positive integers.
+    """
+    try:
+        micro = [int(m) for m in text.split(",")]
+    except ValueError:
+        micro = []
+    if not micro or min(micro) < 1:
+        raise ConfigError(f"--micro-batches: {text!r} is not a comma-separated list of positive integers")
+    return micro
 
 
 def parse_budget(text: str, layers: int) -> int:
@@ -88,9 +117,10 @@ class _Trainer:
     def __init__(self, spec: dict[str, Any]) -> None:
         from edge_client.engines import LocalEngine, SplitEngine
 
+        up, _, down = spec.get("wire", "float32").partition("/")  # "int8" or "int8/bfloat16" (up/down)
         self.cfg = cfg = TrainConfig(
             model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
-            wire=spec.get("wire", "float32"), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
+            wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
             micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
             device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
         self.spec = spec
@@ -136,7 +166,7 @@ class _Trainer:
         edge, spec, split = self.engine.edge, self.spec, self.cfg.cloud is not None
         n = spec["batch_size"] * spec["seq_len"]
         formula = step_cost(n, edge.embed_width, edge.head_width, edge.group_shapes(), self.roles, True,
-                            self.cfg.wire, 4096)
+                            self.cfg.codec_up, self.cfg.int8_block_size, self.cfg.codec_down)
         return {
             "median_step_s": statistics.median(self.times), "step_s": self.times,
             "cpu_s_per_step": statistics.mean(self.cpu), "peak_rss_mb": peak_rss_mb(), "final_loss": self.loss,
@@ -277,6 +307,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def run_bench(args: argparse.Namespace, cache: Path) -> int:
+    wires, micro = parse_wires(args.wires), parse_micro_batches(args.micro_batches)
+    if args.int8_block_size < 1:
+        raise ConfigError(f"--int8-block-size={args.int8_block_size}: must be >= 1")
     if args.model:
         model_dir = args.model
     elif args.shape == "llama-7b":
@@ -287,10 +320,9 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
     else:
         model_dir = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
     model_mb = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 1e6
-    wires = args.wires.split(",")
-    micro = [int(m) for m in args.micro_batches.split(",")]
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype}
+            "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype,
+            "int8_block_size": args.int8_block_size}
     link = "127.0.0.1 loopback"
     cloud = CloudProcess(Path(model_dir), extra=["--state-dir", str(cache / "bench" / "cloud-state"),
                                                  "--device", args.cloud_device, "--dtype", args.cloud_dtype])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from common.codecs import WIRE_CODECS
 from common.config import TrainConfig, flag_error
 from common.errors import ConfigError, DloraError, RemoteError
 
@@ -27,8 +28,14 @@ def default_cache() -> Path:
 def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
     if split:
         p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
-        p.add_argument("--wire", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+        p.add_argument("--wire", default="float32", choices=WIRE_CODECS,
                        help="codec for activations and gradients on the wire (default float32)")
+        p.add_argument("--wire-up", default=None, choices=WIRE_CODECS,
+                       help="codec of what this device sends (default: --wire); e.g. int8 on a slow uplink")
+        p.add_argument("--wire-down", default=None, choices=WIRE_CODECS,
+                       help="codec of what the cloud sends (default: --wire)")
+        p.add_argument("--int8-block-size", type=int, default=4096,
+                       help="int8: elements per absmax scale, both directions (default 4096)")
         p.add_argument("--micro-batches", type=int, default=1,
                        help="split each batch into M micro-batches that overlap on the wire (default 1)")
         p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the cloud (default 15)")
@@ -116,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=6, help="timed steps per configuration, after one warm-up (default 6)")
     b.add_argument("--batch-size", type=int, default=8, help="default 8")
     b.add_argument("--seq-len", type=int, default=128, help="default 128")
-    b.add_argument("--wires", default="float32,bfloat16,int8", help="codecs to measure (default float32,bfloat16,int8)")
+    b.add_argument("--wires", default="float32,bfloat16,int8",
+                   help="codecs to measure; UP/DOWN for one per direction, e.g. int8/bfloat16 (default float32,bfloat16,int8)")
+    b.add_argument("--int8-block-size", type=int, default=4096, help="int8: elements per absmax scale (default 4096)")
     b.add_argument("--budgets", default="all,L/2,L/4", help="active modules: all, L/N or a number (default all,L/2,L/4)")
     b.add_argument("--micro-batches", default="1", help="comma-separated M values (default 1)")
     b.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"], help="default detached")
@@ -156,7 +165,8 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
         revive=args.revive, kill_threshold=args.kill_threshold, kill_mode=args.kill_mode,
     )
     if split:
-        extra.update(cloud=args.cloud, wire=args.wire, micro_batches=args.micro_batches, connect_timeout_s=args.connect_timeout,
+        extra.update(cloud=args.cloud, wire=args.wire, wire_up=args.wire_up, wire_down=args.wire_down,
+                     int8_block_size=args.int8_block_size, micro_batches=args.micro_batches, connect_timeout_s=args.connect_timeout,
                      reply_timeout_s=args.reply_timeout, max_message_mb=args.max_message_mb)
     try:
         cfg = TrainConfig(

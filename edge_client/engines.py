@@ -63,8 +63,8 @@ class SplitEngine:
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        self.link = CloudLink(cfg.cloud, self.edge, cfg.wire, cfg.connect_timeout_s, cfg.reply_timeout_s,
-                              cfg.max_message_mb, kr_config(cfg, self.num_layers))
+        self.link = CloudLink(cfg.cloud, self.edge, cfg.codec_up, cfg.connect_timeout_s, cfg.reply_timeout_s,
+                              cfg.max_message_mb, kr_config(cfg, self.num_layers), cfg.codec_down, cfg.int8_block_size)
         self.link.open()
         self.micro_batches = cfg.micro_batches
 

@@ -74,8 +74,12 @@ class CloudLink:
     """
 
     def __init__(self, address: str, edge: EdgeModel, wire: str = "float32", connect_timeout_s: float = 15.0,
-                 reply_timeout_s: float = 600.0, max_message_mb: int = 512, kr: KRConfig | None = None) -> None:
-        self.address, self.edge, self.wire = address, edge, wire
+                 reply_timeout_s: float = 600.0, max_message_mb: int = 512, kr: KRConfig | None = None,
+                 wire_down: str | None = None, block_size: int = codecs.DEFAULT_BLOCK_SIZE) -> None:
+        """wire: the codec of what this side sends, and of what the cloud sends unless wire_down says
+        otherwise; block_size: int8's elements per scale, in both directions."""
+        self.address, self.edge = address, edge
+        self.wire_up, self.wire_down, self.block_size = wire, wire_down or wire, block_size
         self.kr = kr or KRConfig(num_layers=edge.num_layers)
         self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
         limit = max_message_mb * 1024 * 1024
@@ -112,11 +116,11 @@ class CloudLink:
         self._call = session(iter(self._outbox.get, _END))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        codec = codecs.codec_spec(self.wire).codec
         self._send(pb.EdgeMessage(hello=pb.Hello(
             protocol=PROTOCOL, model_fingerprint=self.edge.fingerprint, session_id=self.session_id,
-            targets=list(self.edge.target_paths), codec_up=codec, codec_down=codec,
-            block_size_down=codecs.DEFAULT_BLOCK_SIZE, client_name=socket.gethostname(),
+            targets=list(self.edge.target_paths), codec_up=codecs.codec_spec(self.wire_up).codec,
+            codec_down=codecs.codec_spec(self.wire_down).codec, block_size_down=self.block_size,
+            client_name=socket.gethostname(),
             warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
             kill_threshold=self.kr.kill_threshold or 0.0,
         )), Traffic())
@@ -234,7 +238,8 @@ class CloudLink:
         for i, part in enumerate(parts):
             msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=step, micro_batch=first_mb + i, train=train,
                                                          layer_roles=roles))
-            payloads = {"embeddings": codecs.encode_into(msg.step_begin.embeddings, part.embeddings, self.wire),
+            payloads = {"embeddings": codecs.encode_into(msg.step_begin.embeddings, part.embeddings, self.wire_up,
+                                                                self.block_size),
                         "attention_mask": codecs.encode_into(msg.step_begin.attention_mask, part.attention_mask, "uint8")}
             self._send(Frame(msg, payloads), traffic)
         pending = set(shapes)
@@ -252,7 +257,7 @@ class CloudLink:
                 if kind == "lora_forward":
                     self._answer_forward(frame, b, t, roles, train, adapter, traffic)
                 elif kind == "hidden":
-                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire,
+                    h = codecs.decode(body.hidden, "Hidden", (b, t, self.edge.head_width), self.wire_down,
                                       payload=frame.payloads.get("hidden"), device=self.edge.device)
                     if len(parts) == 1:
                         self._answer_hidden(step, mb, h, parts[0].on_hidden, train, traffic)
@@ -288,7 +293,7 @@ class CloudLink:
             if grad is None:
                 raise ValueError("on_hidden must return dL/dh when training")
             msg = pb.EdgeMessage(hidden_grad=pb.HiddenGrad(step=step, micro_batch=mb))
-            data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire)
+            data = codecs.encode_into(msg.hidden_grad.grad, grad, self.wire_up, self.block_size)
             self._send(Frame(msg, {"grad": data}), traffic)
 
     def _answer_hidden_or_report(self, step: int, mb: int, h: torch.Tensor, on_hidden: HiddenCallback, train: bool,
@@ -305,12 +310,12 @@ class CloudLink:
         if adapter is None or layer >= len(roles) or roles[layer] == pb.ABSENT or (layer, group) not in adapter.by_group:
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
         x = codecs.decode(body.x, f"LoraForward layer {layer}", (b, t, adapter.group_in_width(layer, group)),
-                          self.wire, payload=frame.payloads.get("x"), device=self.edge.device)
+                          self.wire_down, payload=frame.payloads.get("x"), device=self.edge.device)
         need_grad = train and roles[layer] == pb.FORWARD_BACKWARD
         delta = adapter.forward_group(body.micro_batch, layer, group, x, need_grad)
         msg = pb.EdgeMessage(lora_delta=pb.LoraDelta(step=body.step, micro_batch=body.micro_batch, layer=layer,
                                                      group=group))
-        data = codecs.encode_into(msg.lora_delta.delta, delta, self.wire)
+        data = codecs.encode_into(msg.lora_delta.delta, delta, self.wire_up, self.block_size)
         self._send(Frame(msg, {"delta": data}), traffic)
 
     def _answer_backward(self, frame: Frame, b: int, t: int, adapter: LoraAdapter | None,
@@ -320,9 +325,9 @@ class CloudLink:
         if adapter is None or not adapter.has_pending(body.micro_batch, layer, group):
             raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
         g = codecs.decode(body.grad_output, f"LoraBackward layer {layer}", (b, t, adapter.group_width(layer, group)),
-                          self.wire, payload=frame.payloads.get("grad_output"), device=self.edge.device)
+                          self.wire_down, payload=frame.payloads.get("grad_output"), device=self.edge.device)
         dx = adapter.backward_group(body.micro_batch, layer, group, g)
         msg = pb.EdgeMessage(lora_grad=pb.LoraGrad(step=body.step, micro_batch=body.micro_batch, layer=layer,
                                                    group=group))
-        data = codecs.encode_into(msg.lora_grad.grad_input, dx, self.wire)
+        data = codecs.encode_into(msg.lora_grad.grad_input, dx, self.wire_up, self.block_size)
         self._send(Frame(msg, {"grad_input": data}), traffic)

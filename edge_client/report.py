@@ -21,6 +21,12 @@ import numpy as np  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 
 
+def _wire(cfg: dict) -> str:
+    """"int8", or "int8 up, bfloat16 down" when the directions differ."""
+    up, down = cfg.get("wire_up") or cfg.get("wire"), cfg.get("wire_down") or cfg.get("wire")
+    return str(up) if up == down else f"{up} up, {down} down"
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -136,7 +142,7 @@ def write_report(run_dir: Path) -> Path:
     if cfg:
         lines += [f"Model `{cfg.get('model')}`, data `{cfg.get('data')}`; {cfg.get('epochs')} epochs, LoRA r={cfg.get('rank')}, "
                   f"lr {cfg.get('lr')}, kill mode {cfg.get('kill_mode')}, budget {cfg.get('budget') or 'all'}, "
-                  f"revive {cfg.get('revive')}, wire {cfg.get('wire')}.", ""]
+                  f"revive {cfg.get('revive')}, wire {_wire(cfg)}.", ""]
     lines += ["| epoch | steps | mean loss | active modules | MB to cloud | MB from cloud | killed | revived |",
               "|---|---|---|---|---|---|---|---|"]
     for e in sorted({m["epoch"] for m in metrics}):

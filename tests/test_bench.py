@@ -33,6 +33,23 @@ def test_paired_split_matches_local_and_formula(tiny_dir, cloud):
     assert (killed["active"], killed["layers"]) == (2, 3)
     assert killed["payload_per_step"] == killed["formula_per_step"] < split["formula_per_step"] / 3
 
+    mixed = run_worker(_spec(model, name="split int8/bfloat16", cloud=address, wire="int8/bfloat16", budget=10**9,
+                             int8_block_size=100))  # one codec per direction, scales every 100 elements
+    assert mixed["payload_per_step"] == mixed["formula_per_step"]
+    assert split["formula_per_step"] / 4 < mixed["formula_per_step"] < split["formula_per_step"] / 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--wires", "int8/fp8"], "--wires: 'int8/fp8' is not one of"),
+    (["--micro-batches", "1,0"], "--micro-batches: '1,0' is not a comma-separated list of positive integers"),
+    (["--int8-block-size", "0"], "--int8-block-size=0: must be >= 1"),
+])
+def test_bench_refuses_bad_flags_before_any_work(flags, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", *flags], capture_output=True, text=True,
+                       env={**os.environ, "DLORA_CACHE": str(tmp_path)}, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())  # no model written, no cloud started
+
 
 def test_worker_failure_names_the_configuration(tmp_path):
     worker = Worker(_spec(tmp_path / "missing", name="split float32", budget=1))

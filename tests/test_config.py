@@ -61,6 +61,9 @@ def test_config_forbids_extra_fields(cls: type[BaseModel], base: dict[str, Any])
         (TrainConfig, TRAIN, {"max_length": 1}, "--max-length=1:", "greater than or equal to 2"),
         (TrainConfig, TRAIN, {"max_message_mb": 2}, "--max-message-mb=2:", "greater than or equal to 4"),
         (TrainConfig, TRAIN, {"batch_size": "many"}, "--batch-size='many':", "integer"),
+        (TrainConfig, TRAIN, {"int8_block_size": 0}, "--int8-block-size=0:", "greater than or equal to 1"),
+        (TrainConfig, TRAIN, {"wire_up": "fp8"}, "--wire-up='fp8':", "int8"),
+        (TrainConfig, TRAIN, {"wire_down": "int4"}, "--wire-down='int4':", "bfloat16"),
         (ServeConfig, SERVE, {"port": 70000}, "--port=70000:", "less than or equal to 65535"),
         (ServeConfig, SERVE, {"step_timeout_s": 0}, "--step-timeout=0:", "greater than 0"),
         (ServeConfig, SERVE, {"max_sessions": 0}, "--max-sessions=0:", "greater than or equal to 1"),
@@ -86,6 +89,12 @@ def test_flag_error_for_an_unknown_wire_codec_lists_the_codecs() -> None:
 @pytest.mark.parametrize("wire", WIRE_CODECS)
 def test_every_wire_codec_is_accepted(wire: str) -> None:
     assert TrainConfig(**TRAIN, wire=wire).wire == wire
+
+
+def test_each_direction_defaults_to_wire() -> None:
+    cfg = TrainConfig(**TRAIN, wire="bfloat16", wire_up="int8")
+    assert (cfg.codec_up, cfg.codec_down) == ("int8", "bfloat16")
+    assert (TrainConfig(**TRAIN).codec_up, TrainConfig(**TRAIN).codec_down) == ("float32", "float32")
 
 
 def test_flag_error_for_a_missing_flag_names_it() -> None:

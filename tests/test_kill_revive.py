@@ -23,11 +23,14 @@ ACTIVE = {1, 2}  # of 4 layers: layer 0 below the lowest active, layer 3 above
     ("detached", 4, 2),
     ("dropped", 2, 2),
 ])
-@pytest.mark.parametrize("wire", ["float32", "int8"])
-def test_round_trips_and_bytes_per_kill_mode(mode, forward, backward, wire, tiny_dir, cloud, data_file, tmp_path):
+@pytest.mark.parametrize("up,down,block", [("float32", "float32", 4096), ("int8", "int8", 4096),
+                                           ("int8", "bfloat16", 100), ("float16", "int8", 7)])
+def test_round_trips_and_bytes_per_kill_mode(mode, forward, backward, up, down, block, tiny_dir, cloud, data_file,
+                                             tmp_path):
     model_dir = tiny_dir("llama", layers=4)
-    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), wire=wire,
-                      targets=("q_proj", "k_proj", "v_proj", "down_proj"), progress=False)
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), wire=up,
+                      wire_down=down, int8_block_size=block, targets=("q_proj", "k_proj", "v_proj", "down_proj"),
+                      progress=False)
     split = SplitEngine(cfg)
     split.set_active(ACTIVE, mode)
     batch = collate(load_examples(data_file, split.tokenizer, 64)[:5], split.tokenizer.pad_token_id)
@@ -36,7 +39,8 @@ def test_round_trips_and_bytes_per_kill_mode(mode, forward, backward, wire, tiny
     assert traffic.messages["down:lora_forward"] == 2 * forward  # two input groups per layer
     assert traffic.messages.get("down:lora_backward", 0) == 2 * backward
     n = batch.input_ids.numel()
-    want = step_cost(n, split.edge.embed_width, split.edge.head_width, split.edge.group_shapes(), roles, True, wire, 4096)
+    want = step_cost(n, split.edge.embed_width, split.edge.head_width, split.edge.group_shapes(), roles, True, up, block,
+                     down)
     assert (traffic.payload_up, traffic.payload_down) == (want.up, want.down)
     killed = [p for layer, ps in split.params_by_layer().items() if layer not in ACTIVE for p in ps]
     assert killed and all(p.grad is None for p in killed)
