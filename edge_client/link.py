@@ -186,7 +186,11 @@ class CloudLink:
             raise RemoteError("UNAVAILABLE", f"dlora-cloud at {self.address} closed the session")
         if isinstance(item, grpc.RpcError):
             code = item.code().name if item.code() else "UNKNOWN"
-            raise RemoteError(code, f"dlora-cloud at {self.address}: {item.details() or code}")
+            details = item.details() or code
+            if code == "RESOURCE_EXHAUSTED":
+                details += ("; raise --max-message-mb on this device and on dlora-cloud serve, or send less per "
+                            "message (--micro-batches, --batch-size, --max-length)")
+            raise RemoteError(code, f"dlora-cloud at {self.address}: {details}")
         if isinstance(item, _HeadFailed):
             raise item.error
         msg: Frame = item  # type: ignore[assignment]
