@@ -41,13 +41,13 @@ def main() -> None:
     args = ap.parse_args()
     cache = default_cache()
     model = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
-    delay, rate = parse_wan(args.wan)
+    delay, rate, rate_down = parse_wan(args.wan)
     cloud = CloudProcess(model, extra=["--state-dir", str(cache / "bench" / "cloud-state")])
     ms = [int(m) for m in args.micro_batches.split(",")]
     fig, axes = plt.subplots(len(ms), 1, figsize=(10, 2.2 * len(ms)), squeeze=False)
     try:
         for ax, m in zip(axes[:, 0], ms):
-            relay = LinkEmulator(cloud.address, delay, rate, record=True)
+            relay = LinkEmulator(cloud.address, delay, rate, record=True, rate_down=rate_down)
             spec = {"model": str(model), "steps": args.steps, "batch_size": 8, "seq_len": 128, "kill_mode": "detached",
                     "device": "cpu", "local_dtype": "float32", "cloud": relay.address, "wire": args.wire, "budget": 10**9,
                     "micro_batches": m}

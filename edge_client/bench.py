@@ -16,6 +16,7 @@ final loss.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ from common.wire_cost import step_cost
 from edge_client.cloud_process import CloudProcess
 from edge_client.data import Batch
 from edge_client.kill_revive import layer_roles
-from edge_client.link_emulator import LinkEmulator, netem_status, parse_wan
+from edge_client.link_emulator import LinkEmulator, NetemLink, netem_status, parse_wan
 from edge_client.synthetic import BENCH_CONFIG, LLAMA_7B_CONFIG, llama_config, write_random_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj")
@@ -323,20 +324,32 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype,
             "int8_block_size": args.int8_block_size}
-    link = "127.0.0.1 loopback"
-    cloud = CloudProcess(Path(model_dir), extra=["--state-dir", str(cache / "bench" / "cloud-state"),
-                                                 "--device", args.cloud_device, "--dtype", args.cloud_dtype])
-    relay = None
-    try:
+    link, netns = "127.0.0.1 loopback", None
+    if args.wan:
+        delay, rate_up, rate_down = parse_wan(args.wan)
+        status = netem_status()
+        if status == "available":
+            try:
+                netns = NetemLink(delay, rate_up, rate_down)
+                link = f"{args.wan} by kernel netem (the cloud in a network namespace behind a veth pair)"
+            except ConfigError as e:
+                status = f"could not be set up: {e}"
+        if netns is None:
+            link = f"{args.wan} emulated in user space (kernel netem {status})"
+        print(f"--wan {args.wan}: {link}", flush=True)
+    with contextlib.ExitStack() as cleanup:  # runs in reverse: the relay, the cloud, then the namespace
+        if netns is not None:
+            cleanup.callback(netns.close)
+        cloud = CloudProcess(Path(model_dir), extra=["--state-dir", str(cache / "bench" / "cloud-state"),
+                                                     "--device", args.cloud_device, "--dtype", args.cloud_dtype,
+                                                     *(["--host", netns.ns_ip] if netns else [])],
+                             prefix=netns.prefix if netns else None)
+        cleanup.callback(cloud.stop)
         address = cloud.address
-        if args.wan:
-            delay, rate = parse_wan(args.wan)
-            status = netem_status()
-            relay = LinkEmulator(cloud.address, delay, rate)
+        if args.wan and netns is None:
+            relay = LinkEmulator(cloud.address, delay, rate_up, rate_down=rate_down)
+            cleanup.callback(relay.close)
             address = relay.address
-            link = (f"{args.wan} emulated in user space (kernel netem {status})" if status != "available"
-                    else f"{args.wan} emulated in user space")
-            print(f"--wan {args.wan}: kernel netem {status}; using the user-space link emulator", flush=True)
         layers = int(load_config(Path(model_dir)).num_hidden_layers)
         budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
         local_spec = {**base, "name": "local-train", "budget": 10**9}
@@ -357,10 +370,6 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
                           f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)", flush=True)
         rows[0].update(median_step_s=statistics.median(local_steps), local_step_s=statistics.median(local_steps),
                        ratio=1.0)
-    finally:
-        if relay is not None:
-            relay.close()
-        cloud.stop()
     meta = {"model": str(model_dir), "layers": layers, "model_mb": model_mb, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "steps": args.steps, "link": link,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads(),

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--micro-batches", default="1", help="comma-separated M values (default 1)")
     b.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"], help="default detached")
     b.add_argument("--wan", default=None, metavar="DELAY,RATE",
-                   help="emulate a device link, e.g. 10ms,100mbit (one-way delay, rate per direction)")
+                   help="emulate a device link, e.g. 10ms,100mbit (one-way delay, rate each way) or 10ms,20mbit/100mbit "
+                        "(uplink/downlink): kernel netem where the machine has it (root), else a user-space relay")
     b.add_argument("--shape", default="small", choices=["small", "llama-7b"],
                    help="default model when --model is not given: small (~34M, LLaMA-shaped) or llama-7b (random weights)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

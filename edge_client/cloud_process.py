@@ -16,8 +16,11 @@ from common.errors import RemoteError
 class CloudProcess:
     """`dlora-cloud serve` as a child process on 127.0.0.1 with a free port."""
 
-    def __init__(self, model_dir: Path, start_timeout_s: float = 300.0, extra: list[str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "cloud_server.cli", "serve", "--model", str(model_dir), "--port", "0", *(extra or [])]
+    def __init__(self, model_dir: Path, start_timeout_s: float = 300.0, extra: list[str] | None = None,
+                 prefix: list[str] | None = None) -> None:
+        """prefix: what the command runs under, e.g. `ip netns exec NAME` (then pass --host in extra)."""
+        cmd = [*(prefix or []), sys.executable, "-m", "cloud_server.cli", "serve", "--model", str(model_dir), "--port", "0",
+               *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._stderr: list[str] = []

@@ -1,9 +1,10 @@
-"""A device link for the bench: one-way delay and a rate limit on loopback.
+"""A device link for the bench: one-way delay and a rate limit per direction.
 
-Kernel netem (network namespaces + veth + `tc qdisc ... netem`) is the usual tool, and `netem_status`
-says whether this machine has it. Where it does not (a kernel without sch_netem), `LinkEmulator`
-emulates the link in user space: a TCP relay on 127.0.0.1 that serialises each direction at RATE
-and delivers every chunk DELAY after it left, like a link with that bandwidth and propagation delay.
+Where the machine allows it (root, iproute2, a kernel with sch_netem: `netem_status` says), the
+cloud runs in its own network namespace behind a veth pair with `tc qdisc ... netem delay D rate R`
+on each end (`NetemLink`): the kernel's TCP over an emulated link. Elsewhere `LinkEmulator` emulates
+the link in user space: a TCP relay on 127.0.0.1 that serialises each direction at its rate and
+delivers every chunk DELAY after it left, like a link with that bandwidth and propagation delay.
 """
 
 from __future__ import annotations
@@ -21,20 +22,26 @@ from common.errors import ConfigError
 _CHUNK = 64 * 1024
 
 
-def parse_wan(spec: str) -> tuple[float, float]:
-    """"10ms,100mbit" -> (0.010 s one-way delay, 12.5e6 bytes/s).
+_RATE = r"\s*([\d.]+)\s*(kbit|mbit|gbit)\s*"
+
+
+def parse_wan(spec: str) -> tuple[float, float, float]:
+    """"10ms,100mbit" -> (0.010 s one-way delay, 12.5e6 bytes/s up, 12.5e6 down); "10ms,20mbit/100mbit"
+    gives the device's uplink and downlink their own rates.
 
     Raises:
-        ConfigError: not DELAY,RATE with units ms|s and kbit|mbit|gbit.
+        ConfigError: not DELAY,RATE or DELAY,UP/DOWN with units ms|s and kbit|mbit|gbit, or a rate of 0.
     """
-    m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s)\s*,\s*([\d.]+)\s*(kbit|mbit|gbit)\s*", spec.lower())
+    m = re.fullmatch(rf"\s*([\d.]+)\s*(ms|s)\s*,{_RATE}(?:/{_RATE})?", spec.lower())
     if not m:
-        raise ConfigError(f"--wan={spec!r}: use DELAY,RATE such as 10ms,100mbit")
+        raise ConfigError(f"--wan={spec!r}: use DELAY,RATE such as 10ms,100mbit, or DELAY,UP/DOWN such as 10ms,20mbit/100mbit")
     delay = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-    rate = float(m.group(3)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(4)] / 8
-    if rate <= 0:
-        raise ConfigError(f"--wan={spec!r}: the rate must be > 0")
-    return delay, rate
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    up = float(m.group(3)) * units[m.group(4)] / 8
+    down = float(m.group(5)) * units[m.group(6)] / 8 if m.group(5) else up
+    if up <= 0 or down <= 0:
+        raise ConfigError(f"--wan={spec!r}: a rate must be > 0")
+    return delay, up, down
 
 
 def netem_status() -> str:
@@ -57,6 +64,66 @@ def netem_status() -> str:
         subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
 
 
+def _run(cmd: list[str]) -> None:
+    """Run one ip/tc command; ConfigError with its stderr when it fails."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ConfigError(f"`{' '.join(cmd)}` failed: {e}") from e
+    if r.returncode != 0:
+        raise ConfigError(f"`{' '.join(cmd)}` failed: {r.stderr.strip() or r.returncode}")
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair: this side HOST_IP, the other NS_IP.
+
+    `prefix` runs a command inside it (`ip netns exec NAME ...`); close() deletes the namespace, and
+    with it both ends of the pair. Needs root and iproute2.
+
+    Raises (from the constructor):
+        ConfigError: a step failed (it says which); nothing is left behind.
+    """
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name, self.host_if, self.ns_if = f"dlora{tag}", f"dl{tag}h", f"dl{tag}c"
+        taken = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+        octet = next((o for o in range(256) if f" 10.254.{o}." not in taken), 0)  # a /30 no other bench uses
+        self.host_ip, self.ns_ip = f"10.254.{octet}.1", f"10.254.{octet}.2"
+        self.prefix = ["ip", "netns", "exec", self.name]
+        try:
+            _run(["ip", "netns", "add", self.name])
+            _run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if])
+            _run(["ip", "link", "set", self.ns_if, "netns", self.name])
+            _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
+            _run(["ip", "link", "set", self.host_if, "up"])
+            _run([*self.prefix, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if])
+            _run([*self.prefix, "ip", "link", "set", self.ns_if, "up"])
+            _run([*self.prefix, "ip", "link", "set", "lo", "up"])
+        except ConfigError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)  # if not moved yet
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+
+
+class NetemLink(Namespace):
+    """The cloud's side of the link in a namespace, with netem's delay and rate on each end of the veth:
+    this side's egress is the device's uplink, the namespace's egress its downlink."""
+
+    def __init__(self, delay_s: float, rate_up: float, rate_down: float) -> None:
+        super().__init__()
+        try:
+            for prefix, dev, rate in (([], self.host_if, rate_up), (self.prefix, self.ns_if, rate_down)):
+                _run([*prefix, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{delay_s * 1e6:.0f}us",
+                      "rate", f"{rate * 8:.0f}bit"])
+        except ConfigError:
+            self.close()
+            raise
+
+
 class _Direction:
     """One direction of the link: serialisation at `rate`, then `delay` of flight."""
 
@@ -74,12 +141,14 @@ class _Direction:
 class LinkEmulator:
     """A TCP relay 127.0.0.1:port -> upstream with a delayed, rate-limited link in each direction."""
 
-    def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float, record: bool = False) -> None:
-        """record: keep every transmission as ("up"|"down", start, end) in `busy` (time.monotonic)."""
+    def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float, record: bool = False,
+                 rate_down: float | None = None) -> None:
+        """rate_bytes_s: the uplink's (device to cloud), and the downlink's unless rate_down is given;
+        record: keep every transmission as ("up"|"down", start, end) in `busy` (time.monotonic)."""
         self.busy: list[tuple[str, float, float]] | None = [] if record else None
         self.upstream_host, port = upstream.rsplit(":", 1)
         self.upstream_port = int(port)
-        self.delay, self.rate = delay_s, rate_bytes_s
+        self.delay, self.rate, self.rate_down = delay_s, rate_bytes_s, rate_down or rate_bytes_s
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="link-emulator")
@@ -102,7 +171,7 @@ class LinkEmulator:
             return
         await asyncio.gather(
             self._pump(reader, up_writer, _Direction("up", self.delay, self.rate, self.busy)),
-            self._pump(up_reader, writer, _Direction("down", self.delay, self.rate, self.busy)),
+            self._pump(up_reader, writer, _Direction("down", self.delay, self.rate_down, self.busy)),
         )
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Direction) -> None:
