@@ -25,17 +25,20 @@ def default_cache() -> Path:
     return Path(os.environ.get("DLORA_CACHE", Path.home() / ".cache" / "dlora"))
 
 
+def _wire_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wire", default="float32", choices=WIRE_CODECS,
+                   help="codec for activations and gradients on the wire (default float32)")
+    p.add_argument("--wire-up", default=None, choices=WIRE_CODECS,
+                   help="codec of what this device sends (default: --wire); e.g. int8 on a slow uplink")
+    p.add_argument("--wire-down", default=None, choices=WIRE_CODECS, help="codec of what the cloud sends (default: --wire)")
+    p.add_argument("--int8-block-size", type=int, default=4096,
+                   help="int8: elements per absmax scale, both directions (default 4096)")
+
+
 def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
     if split:
         p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
-        p.add_argument("--wire", default="float32", choices=WIRE_CODECS,
-                       help="codec for activations and gradients on the wire (default float32)")
-        p.add_argument("--wire-up", default=None, choices=WIRE_CODECS,
-                       help="codec of what this device sends (default: --wire); e.g. int8 on a slow uplink")
-        p.add_argument("--wire-down", default=None, choices=WIRE_CODECS,
-                       help="codec of what the cloud sends (default: --wire)")
-        p.add_argument("--int8-block-size", type=int, default=4096,
-                       help="int8: elements per absmax scale, both directions (default 4096)")
+        _wire_flags(p)
         p.add_argument("--micro-batches", type=int, default=1,
                        help="split each batch into M micro-batches that overlap on the wire (default 1)")
         p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the cloud (default 15)")
@@ -96,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=256, help="tokens per scored sequence (default 256)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _wire_flags(e)
 
     rp = sub.add_parser("report", help="pictures (PNG) and a Markdown summary of a run folder")
     rp.add_argument("run_dir", type=Path, help="the --output folder of `dlora train` or `dlora local-train`")
@@ -230,7 +234,10 @@ def _eval(args: argparse.Namespace) -> int:
         adapter.eval()
     else:
         edge = EdgeModel(args.model)
-    link = CloudLink(args.cloud, edge)
+    if args.int8_block_size < 1:
+        raise ConfigError(f"--int8-block-size={args.int8_block_size}: must be >= 1")
+    link = CloudLink(args.cloud, edge, args.wire_up or args.wire, wire_down=args.wire_down or args.wire,
+                     block_size=args.int8_block_size)
     link.open()
     results = {}
     try:

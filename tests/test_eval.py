@@ -60,3 +60,12 @@ def test_eval_cli_with_data_and_with_tasks(tiny_dir, cloud, tmp_path, capsys):
     assert set(json.loads((tmp_path / "t.json").read_text())) == {"piqa", "sst2"}
     assert dlora(["eval", "--cloud", address, "--model", str(model_dir), "--no-progress"]) == 2
     assert "exactly one of --data" in capsys.readouterr().err
+    # a codec per direction, as in train
+    assert dlora(["eval", "--cloud", address, "--model", str(model_dir), "--data", str(data), "--wire-up", "int8",
+                  "--wire-down", "bfloat16", "--int8-block-size", "64", "--json", str(tmp_path / "w.json"),
+                  "--no-progress"]) == 0
+    assert json.loads((tmp_path / "w.json").read_text())["total"] == 3
+    capsys.readouterr()
+    assert dlora(["eval", "--cloud", address, "--model", str(model_dir), "--data", str(data), "--int8-block-size", "0",
+                  "--no-progress"]) == 2
+    assert "--int8-block-size=0: must be >= 1" in capsys.readouterr().err
