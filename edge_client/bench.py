@@ -25,10 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from common.codecs import WIRE_CODECS
 from common.config import TrainConfig
@@ -262,7 +264,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         worker.kill()
 
 
-def run_paired(local_spec: dict[str, Any], spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_paired(local_spec: dict[str, Any], spec: dict[str, Any],
+               on_step: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """local-train and one split configuration in two fresh processes, taking their steps in turn.
 
     On a shared machine the speed of the cores drifts by tens of percent within seconds; steps taken
@@ -279,6 +282,8 @@ def run_paired(local_spec: dict[str, Any], spec: dict[str, Any]) -> tuple[dict[s
             for worker in (local, split) if i % 2 == 0 else (split, local):
                 time.sleep(_SETTLE_S)
                 worker.step()
+            if on_step is not None:
+                on_step()
         return local.finish(), split.finish()
     finally:
         local.kill()
@@ -354,11 +359,15 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
         budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
         local_spec = {**base, "name": "local-train", "budget": 10**9}
         rows, local_steps = [], []
+        bar = tqdm(total=len(wires) * len(budgets) * len(micro) * args.steps, unit="step pair", desc="bench",
+                   disable=args.no_progress)
+        cleanup.callback(bar.close)
         for wire in wires:
             for budget in budgets:
                 for m in micro:
                     spec = {**base, "name": "split", "cloud": address, "wire": wire, "budget": budget, "micro_batches": m}
-                    local, split = run_paired(local_spec, spec)
+                    bar.set_postfix_str(f"{wire} {budget}/{layers} M={m}")
+                    local, split = run_paired(local_spec, spec, on_step=bar.update)
                     if not rows:
                         rows.append({**local, "name": "local-train"})
                     local_steps += local["step_s"]
@@ -366,8 +375,8 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
                            "local_step_s": local["median_step_s"]}
                     row["ratio"] = row["median_step_s"] / row["local_step_s"]
                     rows.append(row)
-                    print(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step, "
-                          f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)", flush=True)
+                    bar.write(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step, "
+                              f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)")
         rows[0].update(median_step_s=statistics.median(local_steps), local_step_s=statistics.median(local_steps),
                        ratio=1.0)
     meta = {"model": str(model_dir), "layers": layers, "model_mb": model_mb, "batch_size": args.batch_size,

@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--wires", default="float32,bfloat16,int8",
                    help="codecs to measure; UP/DOWN for one per direction, e.g. int8/bfloat16 (default float32,bfloat16,int8)")
     b.add_argument("--int8-block-size", type=int, default=4096, help="int8: elements per absmax scale (default 4096)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--budgets", default="all,L/2,L/4", help="active modules: all, L/N or a number (default all,L/2,L/4)")
     b.add_argument("--micro-batches", default="1", help="comma-separated M values (default 1)")
     b.add_argument("--kill-mode", default="detached", choices=["frozen", "detached", "dropped"], help="default detached")
