@@ -1,7 +1,8 @@
 """Bytes per micro-batch by the DESIGN.md formula, from the shapes and the layer roles alone.
 
-With N tokens (B*T), codec bytes per element c (each direction may use its own codec), embedding width E, head input width E_out and,
-per input group g of a layer, its input width H_g and summed output width O_g:
+With N tokens (B*T), codec bytes per element c (each direction may use its own codec), embedding
+width E, head input width E_out and, per input group g of a layer, its input width H_g and summed
+output width O_g:
 - up:   embeddings N*E*c, hidden grad N*E_out*c (training), the mask N*1,
         per present group N*O_g*c, per group that takes part in backward N*H_g*c;
 - down: final hidden N*E_out*c, per present group N*H_g*c, per backward group N*O_g*c.

@@ -123,7 +123,8 @@ class _Trainer:
         up, _, down = spec.get("wire", "float32").partition("/")  # "int8" or "int8/bfloat16" (up/down)
         self.cfg = cfg = TrainConfig(
             model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
-            wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096), targets=TARGETS, lora_dropout=0.0, lr=1e-3,
+            wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096), targets=TARGETS,
+            lora_dropout=0.0, lr=1e-3,
             micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
             device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
         self.spec = spec

@@ -73,13 +73,13 @@ class CloudLink:
         ProtocolError: the cloud sent something this step does not expect.
     """
 
-    def __init__(self, address: str, edge: EdgeModel, wire: str = "float32", connect_timeout_s: float = 15.0,
+    def __init__(self, address: str, edge: EdgeModel, wire_up: str = "float32", connect_timeout_s: float = 15.0,
                  reply_timeout_s: float = 600.0, max_message_mb: int = 512, kr: KRConfig | None = None,
                  wire_down: str | None = None, block_size: int = codecs.DEFAULT_BLOCK_SIZE) -> None:
-        """wire: the codec of what this side sends, and of what the cloud sends unless wire_down says
+        """wire_up: the codec of what this side sends, and of what the cloud sends unless wire_down says
         otherwise; block_size: int8's elements per scale, in both directions."""
         self.address, self.edge = address, edge
-        self.wire_up, self.wire_down, self.block_size = wire, wire_down or wire, block_size
+        self.wire_up, self.wire_down, self.block_size = wire_up, wire_down or wire_up, block_size
         self.kr = kr or KRConfig(num_layers=edge.num_layers)
         self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
         limit = max_message_mb * 1024 * 1024
