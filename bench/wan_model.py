@@ -16,7 +16,7 @@ top, dL/d(delta) down, the device's LoRA backward, dL/dx up, the cloud's layer b
   do not model two processes sharing two cores.
 
 Times are per layer and micro-batch of 256 tokens (8x128 split in four), medians of a traced run on
-the CI machine (int8, M=4, 2026-11-26); M=1 scales them by four.
+the CI machine (int8, M=4, 2026-11-26); the model is compared with a measured M=1 (`--m1`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import heapq
 import itertools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RATE, DELAY = 12.5e6, 0.010  # --wan 10ms,100mbit
 LAYERS = 8
@@ -41,7 +41,7 @@ Priority = Callable[[int, str], int]  # (micro-batch, "up"|"down") -> class, low
 @dataclass
 class _Link:
     busy: bool = False
-    queue: list[tuple[int, float, int, float, Callable[[float], None]]] | None = None
+    queue: list[tuple[int, float, int, float, Callable[[float], None]]] = field(default_factory=list)
 
 
 def step_time(m: int = 4, starts: list[float] | None = None, priority: Priority | None = None) -> float:
@@ -50,7 +50,7 @@ def step_time(m: int = 4, starts: list[float] | None = None, priority: Priority 
     unit = UNIT * scale
     events: list[tuple[float, int, Callable[[float], None]]] = []
     order = itertools.count()
-    links = {"up": _Link(queue=[]), "down": _Link(queue=[])}
+    links = {"up": _Link(), "down": _Link()}
     free = {"device": 0.0, "head": 0.0}
     done: list[float] = []
 
@@ -59,7 +59,7 @@ def step_time(m: int = 4, starts: list[float] | None = None, priority: Priority 
 
     def send(t: float, direction: str, size: float, mb: int, then: Callable[[float], None]) -> None:
         rank = priority(mb, direction) if priority else 0
-        links[direction].queue.append((rank, t, next(order), size, then))  # type: ignore[union-attr]
+        links[direction].queue.append((rank, t, next(order), size, then))
         pump(t, direction)
 
     def pump(t: float, direction: str) -> None:
