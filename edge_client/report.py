@@ -57,8 +57,7 @@ def _modules(kr: list[dict], layers: int, out: Path) -> Path:
         for k, v in d["deltas"].items():
             grid[int(k), j] = v
     fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(kr), 1.5 + 0.22 * layers))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     im = ax.imshow(grid, aspect="auto", cmap=cmap, origin="lower", interpolation="nearest")
     for j, d in enumerate(kr):
         for m in d["killed"]:  # killed after this epoch
