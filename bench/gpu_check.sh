@@ -19,4 +19,4 @@ python3 -c "import torch, transformers, peft, grpc, google.protobuf as p; print(
 python3 -m edge_client.cli bench --shape llama-7b --device cuda --local-dtype bfloat16 \
   --cloud-device cuda --cloud-dtype bfloat16 --batch-size 16 --seq-len 128 --steps "${STEPS:-3}" \
   --wires "${WIRES:-bfloat16,int8}" --budgets "${BUDGETS:-all,L/4}" \
-  --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md" 2>&1 | tee "$OUT/gpu_bench.log"
+  --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md" --no-progress 2>&1 | tee "$OUT/gpu_bench.log"
