@@ -1,8 +1,10 @@
-"""`dlora bench`'s workers: local-train and the split stepped in turn, bytes against the formula; and the
-OpenMP and malloc settings every dlora process starts with."""
+"""`dlora bench`: its workers (local-train and the split stepped in turn, bytes against the formula), its
+flag errors, the whole command over an emulated link; and the OpenMP and malloc settings every dlora
+process starts with."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +114,23 @@ def test_dlora_processes_reuse_freed_buffers_unless_told(tunables, reused):
                              capture_output=True, text=True, check=True).stdout
         faults = float(out)
         assert (faults < pages / 4) if reused else (faults > pages / 2), (package, faults)
+
+
+def test_bench_over_an_emulated_asymmetric_link_says_which_link_it_used(tiny_dir, tmp_path):
+    """The whole command on a tiny model: a cloud child, the link (kernel netem where the machine has it,
+    else the user-space relay), a local-train and a split worker, the JSON and the Markdown."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", "--model", str(tiny_dir("llama")),
+                        "--wires", "int8/bfloat16", "--budgets", "all", "--steps", "1", "--batch-size", "2",
+                        "--seq-len", "16", "--wan", "1ms,200mbit/400mbit", "--json", str(out),
+                        "--markdown", str(tmp_path / "bench.md"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "DLORA_CACHE": str(tmp_path / "cache")},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    link = result["meta"]["link"]
+    assert link.startswith("1ms,200mbit/400mbit ") and ("kernel netem" in link)  # either way it says what netem did
+    split = [row for row in result["rows"] if row["name"] == "split"]
+    assert [row["wire"] for row in split] == ["int8/bfloat16"]
+    assert split[0]["payload_per_step"] == split[0]["formula_per_step"] > 0
+    assert "| split | int8/bfloat16 |" in (tmp_path / "bench.md").read_text()
