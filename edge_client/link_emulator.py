@@ -74,6 +74,19 @@ def _run(cmd: list[str]) -> None:
         raise ConfigError(f"`{' '.join(cmd)}` failed: {r.stderr.strip() or r.returncode}")
 
 
+def reap_stale_namespaces() -> list[str]:
+    """Delete the namespaces of bench processes that no longer run (killed before they could clean up);
+    returns their names. Namespaces are named dlora<pid>-<tag> after the process that made them."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    stale = []
+    for name in (line.split()[0] for line in listed.splitlines() if line.strip()):
+        m = re.fullmatch(r"dlora(\d+)-[0-9a-f]+", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+            stale.append(name)
+    return stale
+
+
 class Namespace:
     """A network namespace joined to this one by a veth pair: this side HOST_IP, the other NS_IP.
 
@@ -85,8 +98,9 @@ class Namespace:
     """
 
     def __init__(self) -> None:
+        reap_stale_namespaces()
         tag = uuid.uuid4().hex[:6]
-        self.name, self.host_if, self.ns_if = f"dlora{tag}", f"dl{tag}h", f"dl{tag}c"
+        self.name, self.host_if, self.ns_if = f"dlora{os.getpid()}-{tag}", f"dl{tag}h", f"dl{tag}c"
         taken = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
         octet = next((o for o in range(256) if f" 10.254.{o}." not in taken), 0)  # a /30 no other bench uses
         self.host_ip, self.ns_ip = f"10.254.{octet}.1", f"10.254.{octet}.2"

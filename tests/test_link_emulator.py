@@ -100,6 +100,20 @@ def test_namespace_runs_a_server_this_side_reaches_and_leaves_nothing_behind():
 
 
 @pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and iproute2")
+def test_a_killed_benchs_namespace_is_reaped_by_the_next():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"dlora{dead.pid}-abcdef"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    ns = Namespace()
+    try:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert stale not in listed and ns.name in listed  # its own, named after this live process, stays
+    finally:
+        ns.close()
+
+
+@pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and iproute2")
 def test_netem_link_where_the_kernel_has_netem_else_a_clear_refusal():
     status = netem_status()
     if status != "available":
