@@ -93,6 +93,13 @@ class TrainConfig(_Frozen):
         return self.wire_down or self.wire
 
 
+def check_int8_block_size(n: int) -> int:
+    """--int8-block-size for the commands without a TrainConfig (eval, bench): n, or ConfigError."""
+    if n < 1:
+        raise ConfigError(f"--int8-block-size={n}: must be >= 1")
+    return n
+
+
 def flag_error(error: ValidationError) -> ConfigError:
     """One line naming the first bad flag, its value and what is allowed."""
     first = error.errors()[0]

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from common.codecs import WIRE_CODECS
-from common.config import TrainConfig
+from common.config import TrainConfig, check_int8_block_size
 from common.errors import ConfigError
 from common.model_files import load_config
 from common.wire_cost import step_cost
@@ -315,8 +315,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace, cache: Path) -> int:
     wires, micro = parse_wires(args.wires), parse_micro_batches(args.micro_batches)
-    if args.int8_block_size < 1:
-        raise ConfigError(f"--int8-block-size={args.int8_block_size}: must be >= 1")
+    block_size = check_int8_block_size(args.int8_block_size)
     if args.model:
         model_dir = args.model
     elif args.shape == "llama-7b":
@@ -329,7 +328,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
     model_mb = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 1e6
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype,
-            "int8_block_size": args.int8_block_size}
+            "int8_block_size": block_size}
     link, netns = "127.0.0.1 loopback", None
     if args.wan:
         delay, rate_up, rate_down = parse_wan(args.wan)

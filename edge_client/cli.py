@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.codecs import WIRE_CODECS
-from common.config import TrainConfig, flag_error
+from common.config import TrainConfig, check_int8_block_size, flag_error
 from common.errors import ConfigError, DloraError, RemoteError
 
 log = logging.getLogger("dlora")
@@ -235,10 +235,8 @@ def _eval(args: argparse.Namespace) -> int:
         adapter.eval()
     else:
         edge = EdgeModel(args.model)
-    if args.int8_block_size < 1:
-        raise ConfigError(f"--int8-block-size={args.int8_block_size}: must be >= 1")
     link = CloudLink(args.cloud, edge, args.wire_up or args.wire, wire_down=args.wire_down or args.wire,
-                     block_size=args.int8_block_size)
+                     block_size=check_int8_block_size(args.int8_block_size))
     link.open()
     results = {}
     try:
