@@ -70,6 +70,24 @@ def test_round_trip_pays_delay_and_rate_each_way(rate_down):
         assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))  # one transmission at a time
 
 
+def test_closing_the_relay_ends_open_connections_and_its_threads():
+    srv, port = _echo_server()
+    relay = LinkEmulator(f"127.0.0.1:{port}", 0.001, 1e8)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as c:
+        c.sendall(b"ping")
+        assert c.recv(16) == b"ping"
+        relay.close()
+        try:
+            assert c.recv(16) == b""  # the device sees the link go down
+        except ConnectionResetError:
+            pass
+    srv.close()
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("link-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("link-")]
+
+
 def _can_make_namespaces() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None and \
         subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
