@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from edge_client.bench import TARGETS, run_worker  # noqa: E402
+from edge_client.bench import attention_targets, run_worker  # noqa: E402
 from edge_client.cli import default_cache  # noqa: E402
 from edge_client.cloud_process import CloudProcess  # noqa: E402
 from edge_client.link_emulator import LinkEmulator, parse_wan  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
                   "CPU-s per step", flush=True)
             ax.set_yticks([0.5, 1.7, 2.9], ["up", "down", "CPUs"])
             ax.set_xlim(0, end - start)
-            ax.set_title(f"M={m}: {step_s:.2f} s/step ({args.wire}, {args.wan}, LoRA on {','.join(TARGETS)})", fontsize=9)
+            ax.set_title(f"M={m}: {step_s:.2f} s/step ({args.wire}, {args.wan}, LoRA on {','.join(attention_targets(model))})", fontsize=9)
             ax.legend(loc="upper right", fontsize=7)
         axes[-1, 0].set_xlabel("seconds (last two steps)")
         fig.tight_layout()

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from common.codecs import WIRE_CODECS
 from common.config import TrainConfig, check_int8_block_size
 from common.errors import ConfigError
+from common.families import family_of, resolve_targets
 from common.model_files import load_config
 from common.wire_cost import step_cost
 from edge_client.cloud_process import CloudProcess
@@ -43,7 +44,29 @@ from edge_client.kill_revive import layer_roles
 from edge_client.link_emulator import LinkEmulator, NetemLink, netem_status, parse_wan
 from edge_client.synthetic import BENCH_CONFIG, LLAMA_7B_CONFIG, llama_config, write_random_model
 
-TARGETS = ("q_proj", "k_proj", "v_proj")
+
+def attention_targets(model_dir: str | Path) -> tuple[str, ...]:
+    """The bench's default LoRA targets: the modules that read the attention's input, i.e. q, k and v
+    (LLaMA, Mistral, Qwen2, OPT) or their fused projection (BLOOM, GPT-NeoX: query_key_value; GPT-2: c_attn).
+
+    Raises:
+        ConfigError: the folder has no usable config.json or its architecture is not supported.
+    """
+    family = family_of(load_config(Path(model_dir)).model_type)
+    return tuple(path.rsplit(".", 1)[-1] for path in family.input_groups[0])
+
+
+def check_targets(model_dir: Path, targets: str | None) -> tuple[str, ...]:
+    """--targets (comma-separated, PEFT-style names) checked against the model, or its attention_targets.
+
+    Raises:
+        ConfigError: the model folder is unusable or a name selects no LoRA-able module (one line each).
+    """
+    if not targets:
+        return attention_targets(model_dir)
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    resolve_targets(family_of(load_config(model_dir).model_type), names)
+    return names
 
 
 def spread(budget: int, layers: int) -> set[int]:
@@ -123,7 +146,8 @@ class _Trainer:
         up, _, down = spec.get("wire", "float32").partition("/")  # "int8" or "int8/bfloat16" (up/down)
         self.cfg = cfg = TrainConfig(
             model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
-            wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096), targets=TARGETS,
+            wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096),
+            targets=tuple(spec.get("targets") or attention_targets(spec["model"])),
             lora_dropout=0.0, lr=1e-3,
             micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
             device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
@@ -294,7 +318,8 @@ def run_paired(local_spec: dict[str, Any], spec: dict[str, Any],
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Model: {meta['model']} ({meta['layers']} layers, {meta['model_mb']:.0f} MB of weights); "
-        f"batch {meta['batch_size']}x{meta['seq_len']} tokens; {meta['steps']} timed steps; link: {meta['link']}; "
+        f"batch {meta['batch_size']}x{meta['seq_len']} tokens; LoRA on {','.join(meta.get('targets', []))}; "
+        f"{meta['steps']} timed steps; link: {meta['link']}; "
         f"cloud {meta['cloud']}, device {meta['device']}, local-train base {meta['local_dtype']}"
         f"{'; GPU ' + meta['gpu'] if meta.get('gpu') else ''}; {meta['date']}.",
         "",
@@ -325,10 +350,11 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
                                        dtype=torch.bfloat16, device="cuda" if gpu else "cpu")
     else:
         model_dir = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
+    targets = check_targets(Path(model_dir), args.targets)
     model_mb = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 1e6
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype,
-            "int8_block_size": block_size}
+            "int8_block_size": block_size, "targets": list(targets)}
     link, netns = "127.0.0.1 loopback", None
     if args.wan:
         delay, rate_up, rate_down = parse_wan(args.wan)
@@ -380,7 +406,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
         rows[0].update(median_step_s=statistics.median(local_steps), local_step_s=statistics.median(local_steps),
                        ratio=1.0)
     meta = {"model": str(model_dir), "layers": layers, "model_mb": model_mb, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "steps": args.steps, "link": link,
+            "seq_len": args.seq_len, "steps": args.steps, "link": link, "targets": list(targets),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads(),
             "cloud": f"{args.cloud_device}/{args.cloud_dtype}", "device": args.device, "local_dtype": args.local_dtype,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

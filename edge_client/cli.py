@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--wires", default="float32,bfloat16,int8",
                    help="codecs to measure; UP/DOWN for one per direction, e.g. int8/bfloat16 (default float32,bfloat16,int8)")
     b.add_argument("--int8-block-size", type=int, default=4096, help="int8: elements per absmax scale (default 4096)")
+    b.add_argument("--targets", default=None,
+                   help="LoRA target modules, comma-separated PEFT-style names (default: those reading the attention's "
+                        "input: q_proj,k_proj,v_proj, or query_key_value / c_attn where q, k and v are fused)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--budgets", default="all,L/2,L/4", help="active modules: all, L/N or a number (default all,L/2,L/4)")
     b.add_argument("--micro-batches", default="1", help="comma-separated M values (default 1)")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from common.errors import ConfigError
-from edge_client.bench import Worker, run_paired, run_worker
+from edge_client.bench import Worker, attention_targets, check_targets, run_paired, run_worker
 
 
 def _spec(model_dir, **kw):  # type: ignore[no-untyped-def]
@@ -39,6 +39,29 @@ def test_paired_split_matches_local_and_formula(tiny_dir, cloud):
                              int8_block_size=100))  # one codec per direction, scales every 100 elements
     assert mixed["payload_per_step"] == mixed["formula_per_step"]
     assert split["formula_per_step"] / 4 < mixed["formula_per_step"] < split["formula_per_step"] / 2
+
+
+@pytest.mark.parametrize("family,targets", [("gpt2", ("c_attn",)), ("bloom", ("query_key_value",))])
+def test_bench_trains_any_family_on_its_attention_input_by_default(tiny_dir, cloud, family, targets):
+    model = tiny_dir(family)
+    assert attention_targets(model) == targets
+    local, split = run_paired(_spec(model, name="local-train", budget=10**9),
+                              _spec(model, name="split", cloud=cloud(model), wire="int8", budget=10**9))
+    assert split["final_loss"] == pytest.approx(local["final_loss"], abs=1e-2)  # int8 on the wire
+    assert split["payload_per_step"] == split["formula_per_step"] > 0
+
+
+def test_bench_targets_flag(tiny_dir, tmp_path):
+    llama = tiny_dir("llama")
+    assert attention_targets(llama) == ("q_proj", "k_proj", "v_proj")
+    assert check_targets(llama, "q_proj, o_proj") == ("q_proj", "o_proj")
+    with pytest.raises(ConfigError, match="'c_attn' names no LoRA-able module of a llama decoder layer; use some of: q_proj"):
+        check_targets(llama, "q_proj,c_attn")
+    r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", "--model", str(tiny_dir("gpt2")),
+                        "--targets", "q_proj"], capture_output=True, text=True,
+                       env={**os.environ, "DLORA_CACHE": str(tmp_path)}, timeout=120)
+    assert r.returncode == 2 and "names no LoRA-able module of a gpt2 decoder layer" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())  # one line, no cloud started
 
 
 @pytest.mark.parametrize("flags,message", [
