@@ -109,14 +109,12 @@ def parse_budget(text: str, layers: int) -> int:
         ConfigError: anything else.
     """
     text = text.strip()
-    try:
-        if text == "all":
-            return layers
-        if text.startswith("L/"):
-            return max(1, layers // int(text[2:]))
-        return min(layers, int(text))
-    except ValueError:
-        raise ConfigError(f"--budgets: {text!r} is not all, L/N or a number") from None
+    if text == "all":
+        return layers
+    number = text[2:] if text.startswith("L/") else text
+    if not number.isdigit() or int(number) < 1:
+        raise ConfigError(f"--budgets: {text!r} is not all, L/N or a number of layers (N and the number >= 1)")
+    return max(1, layers // int(number)) if text.startswith("L/") else min(layers, int(number))
 
 
 def synthetic_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[Batch]:
@@ -341,6 +339,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def run_bench(args: argparse.Namespace, cache: Path) -> int:
     wires, micro = parse_wires(args.wires), parse_micro_batches(args.micro_batches)
     block_size = check_int8_block_size(args.int8_block_size)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ConfigError(f"{flag}={value}: must be >= 1")
+    for flag, where in (("--device", args.device), ("--cloud-device", args.cloud_device)):
+        if where == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{flag} cuda: no CUDA device is visible to torch here; use {flag} cpu")
+    for budget in args.budgets.split(","):
+        parse_budget(budget, layers=1)  # its syntax, before any work; the layers come with the model
     if args.model:
         model_dir = args.model
     elif args.shape == "llama-7b":
@@ -351,6 +357,10 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
     else:
         model_dir = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
     targets = check_targets(Path(model_dir), args.targets)
+    config = load_config(Path(model_dir))
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and args.seq_len > positions:
+        raise ConfigError(f"--seq-len={args.seq_len}: the model has {positions} positions; use --seq-len <= {positions}")
     model_mb = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 1e6
     base = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "kill_mode": args.kill_mode, "device": args.device, "local_dtype": args.local_dtype,
@@ -381,7 +391,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
             relay = LinkEmulator(cloud.address, delay, rate_up, rate_down=rate_down)
             cleanup.callback(relay.close)
             address = relay.address
-        layers = int(load_config(Path(model_dir)).num_hidden_layers)
+        layers = int(config.num_hidden_layers)
         budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
         local_spec = {**base, "name": "local-train", "budget": 10**9}
         rows, local_steps = [], []

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from common.errors import ConfigError
 from edge_client.bench import Worker, attention_targets, check_targets, run_paired, run_worker
@@ -51,7 +52,7 @@ def test_bench_trains_any_family_on_its_attention_input_by_default(tiny_dir, clo
     assert split["payload_per_step"] == split["formula_per_step"] > 0
 
 
-def test_bench_targets_flag(tiny_dir, tmp_path):
+def test_bench_targets_and_seq_len_checked_against_the_model(tiny_dir, tmp_path):
     llama = tiny_dir("llama")
     assert attention_targets(llama) == ("q_proj", "k_proj", "v_proj")
     assert check_targets(llama, "q_proj, o_proj") == ("q_proj", "o_proj")
@@ -62,12 +63,20 @@ def test_bench_targets_flag(tiny_dir, tmp_path):
                        env={**os.environ, "DLORA_CACHE": str(tmp_path)}, timeout=120)
     assert r.returncode == 2 and "names no LoRA-able module of a gpt2 decoder layer" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())  # one line, no cloud started
+    r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", "--model", str(llama), "--seq-len", "100000"],
+                       capture_output=True, text=True, env={**os.environ, "DLORA_CACHE": str(tmp_path)}, timeout=120)
+    assert r.returncode == 2 and "--seq-len=100000: the model has" in r.stderr and not any(tmp_path.iterdir()), r.stderr
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--wires", "int8/fp8"], "--wires: 'int8/fp8' is not one of"),
     (["--micro-batches", "1,0"], "--micro-batches: '1,0' is not a comma-separated list of positive integers"),
     (["--int8-block-size", "0"], "--int8-block-size=0: must be >= 1"),
+    (["--steps", "0"], "--steps=0: must be >= 1"),
+    (["--seq-len", "-1"], "--seq-len=-1: must be >= 1"),
+    (["--budgets", "all,L/0"], "--budgets: 'L/0' is not all, L/N or a number of layers"),
+    pytest.param(["--cloud-device", "cuda"], "--cloud-device cuda: no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
 ])
 def test_bench_refuses_bad_flags_before_any_work(flags, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", *flags], capture_output=True, text=True,
