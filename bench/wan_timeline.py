@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.model_files import load_config  # noqa: E402
 from edge_client.bench import attention_targets, run_worker  # noqa: E402
 from edge_client.cli import default_cache  # noqa: E402
 from edge_client.cloud_process import CloudProcess  # noqa: E402
@@ -79,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     cache = default_cache()
     model = args.model or write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
+    targets = ",".join(attention_targets(load_config(Path(model)).model_type))
     delay, rate, rate_down = parse_wan(args.wan)
     cloud = CloudProcess(model, extra=["--state-dir", str(cache / "bench" / "cloud-state")])
     ms = [int(m) for m in args.micro_batches.split(",")]
@@ -113,7 +115,7 @@ def main() -> None:
                   "CPU-s per step", flush=True)
             ax.set_yticks([0.5, 1.7, 2.9], ["up", "down", "CPUs"])
             ax.set_xlim(0, end - start)
-            ax.set_title(f"M={m}: {step_s:.2f} s/step ({args.wire}, {args.wan}, LoRA on {','.join(attention_targets(model))})", fontsize=9)
+            ax.set_title(f"M={m}: {step_s:.2f} s/step ({args.wire}, {args.wan}, LoRA on {targets})", fontsize=9)
             ax.legend(loc="upper right", fontsize=7)
         axes[-1, 0].set_xlabel("seconds (last two steps)")
         fig.tight_layout()

@@ -45,27 +45,26 @@ from edge_client.link_emulator import LinkEmulator, NetemLink, netem_status, par
 from edge_client.synthetic import BENCH_CONFIG, LLAMA_7B_CONFIG, llama_config, write_random_model
 
 
-def attention_targets(model_dir: str | Path) -> tuple[str, ...]:
+def attention_targets(model_type: str) -> tuple[str, ...]:
     """The bench's default LoRA targets: the modules that read the attention's input, i.e. q, k and v
     (LLaMA, Mistral, Qwen2, OPT) or their fused projection (BLOOM, GPT-NeoX: query_key_value; GPT-2: c_attn).
 
     Raises:
-        ConfigError: the folder has no usable config.json or its architecture is not supported.
+        ConfigError: the architecture is not supported.
     """
-    family = family_of(load_config(Path(model_dir)).model_type)
-    return tuple(path.rsplit(".", 1)[-1] for path in family.input_groups[0])
+    return tuple(path.rsplit(".", 1)[-1] for path in family_of(model_type).input_groups[0])
 
 
-def check_targets(model_dir: Path, targets: str | None) -> tuple[str, ...]:
-    """--targets (comma-separated, PEFT-style names) checked against the model, or its attention_targets.
+def check_targets(model_type: str, targets: str | None) -> tuple[str, ...]:
+    """--targets (comma-separated, PEFT-style names) checked against the architecture, or its attention_targets.
 
     Raises:
-        ConfigError: the model folder is unusable or a name selects no LoRA-able module (one line each).
+        ConfigError: an unsupported architecture, or a name that selects no LoRA-able module (one line each).
     """
     if not targets:
-        return attention_targets(model_dir)
+        return attention_targets(model_type)
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    resolve_targets(family_of(load_config(model_dir).model_type), names)
+    resolve_targets(family_of(model_type), names)
     return names
 
 
@@ -145,7 +144,7 @@ class _Trainer:
         self.cfg = cfg = TrainConfig(
             model=spec["model"], data=Path("synthetic"), output=Path("unused"), cloud=spec.get("cloud"),
             wire=up, wire_down=down or None, int8_block_size=spec.get("int8_block_size", 4096),
-            targets=tuple(spec.get("targets") or attention_targets(spec["model"])),
+            targets=tuple(spec.get("targets") or attention_targets(load_config(Path(spec["model"])).model_type)),
             lora_dropout=0.0, lr=1e-3,
             micro_batches=spec.get("micro_batches", 1), progress=False, reply_timeout_s=1200,
             device=spec.get("device", "cpu"), dtype=spec.get("local_dtype", "float32"))
@@ -356,8 +355,8 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
                                        dtype=torch.bfloat16, device="cuda" if gpu else "cpu")
     else:
         model_dir = write_random_model(llama_config(**BENCH_CONFIG), cache / "bench" / "llama-bench")
-    targets = check_targets(Path(model_dir), args.targets)
     config = load_config(Path(model_dir))
+    targets = check_targets(config.model_type, args.targets)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and args.seq_len > positions:
         raise ConfigError(f"--seq-len={args.seq_len}: the model has {positions} positions; use --seq-len <= {positions}")

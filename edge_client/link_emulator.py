@@ -159,8 +159,9 @@ class LinkEmulator:
     Each direction of a connection is two threads on blocking sockets: one reads whatever arrived
     (up to _CHUNK bytes), stamps it with its arrival time at the far end and queues it; the other
     sleeps until that time and writes it on. The relay shares the machine's CPUs with the cloud and
-    the device it sits between, so it is kept cheap: an asyncio version of it spent ~3x the CPU per
-    byte (~0.2 CPU-s per bench step of 35 MB), which the busier of two configurations paid for."""
+    the device it sits between, so it is kept cheap: an asyncio version of it spent ~1.7x the CPU
+    (0.19–0.22 against 0.11–0.17 CPU-s per bench step of 35 MB), which the busier of two
+    configurations paid for."""
 
     def __init__(self, upstream: str, delay_s: float, rate_bytes_s: float, record: bool = False,
                  rate_down: float | None = None) -> None:

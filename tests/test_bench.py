@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
+from common.model_files import load_config
 from edge_client.bench import Worker, attention_targets, check_targets, run_paired, run_worker
 
 
@@ -45,7 +46,7 @@ def test_paired_split_matches_local_and_formula(tiny_dir, cloud):
 @pytest.mark.parametrize("family,targets", [("gpt2", ("c_attn",)), ("bloom", ("query_key_value",))])
 def test_bench_trains_any_family_on_its_attention_input_by_default(tiny_dir, cloud, family, targets):
     model = tiny_dir(family)
-    assert attention_targets(model) == targets
+    assert attention_targets(load_config(model).model_type) == targets
     local, split = run_paired(_spec(model, name="local-train", budget=10**9),
                               _spec(model, name="split", cloud=cloud(model), wire="int8", budget=10**9))
     assert split["final_loss"] == pytest.approx(local["final_loss"], abs=1e-2)  # int8 on the wire
@@ -54,10 +55,12 @@ def test_bench_trains_any_family_on_its_attention_input_by_default(tiny_dir, clo
 
 def test_bench_targets_and_seq_len_checked_against_the_model(tiny_dir, tmp_path):
     llama = tiny_dir("llama")
-    assert attention_targets(llama) == ("q_proj", "k_proj", "v_proj")
-    assert check_targets(llama, "q_proj, o_proj") == ("q_proj", "o_proj")
+    assert attention_targets("llama") == ("q_proj", "k_proj", "v_proj")
+    assert check_targets("llama", "q_proj, o_proj") == ("q_proj", "o_proj")
     with pytest.raises(ConfigError, match="'c_attn' names no LoRA-able module of a llama decoder layer; use some of: q_proj"):
-        check_targets(llama, "q_proj,c_attn")
+        check_targets("llama", "q_proj,c_attn")
+    with pytest.raises(ConfigError, match="unsupported architecture 't5'"):
+        attention_targets("t5")
     r = subprocess.run([sys.executable, "-m", "edge_client.cli", "bench", "--model", str(tiny_dir("gpt2")),
                         "--targets", "q_proj"], capture_output=True, text=True,
                        env={**os.environ, "DLORA_CACHE": str(tmp_path)}, timeout=120)
