@@ -140,17 +140,20 @@ class NetemLink(Namespace):
 
 
 class _Direction:
-    """One direction of the link: serialisation at `rate`, then `delay` of flight."""
+    """One direction of the link: serialisation at `rate`, then `delay` of flight. Every connection
+    through the relay shares it, as they would share a real link."""
 
     def __init__(self, name: str, delay: float, rate: float, busy: list[tuple[str, float, float]] | None) -> None:
         self.name, self.delay, self.rate, self.free_at, self.busy = name, delay, rate, 0.0, busy
+        self._lock = threading.Lock()
 
     def departure(self, now: float, size: int) -> float:
-        start = max(now, self.free_at)
-        self.free_at = start + size / self.rate
-        if self.busy is not None:
-            self.busy.append((self.name, start, self.free_at))
-        return self.free_at + self.delay
+        with self._lock:
+            start = max(now, self.free_at)
+            self.free_at = start + size / self.rate
+            if self.busy is not None:
+                self.busy.append((self.name, start, self.free_at))
+            return self.free_at + self.delay
 
 
 class LinkEmulator:
@@ -171,6 +174,8 @@ class LinkEmulator:
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
         self.delay, self.rate, self.rate_down = delay_s, rate_bytes_s, rate_down or rate_bytes_s
+        self._up = _Direction("up", delay_s, rate_bytes_s, self.busy)
+        self._down = _Direction("down", delay_s, self.rate_down, self.busy)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -201,8 +206,8 @@ class LinkEmulator:
             for sock in (device, cloud):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ended = threading.Semaphore(0)
-            self._pump(device, cloud, _Direction("up", self.delay, self.rate, self.busy), ended)
-            self._pump(cloud, device, _Direction("down", self.delay, self.rate_down, self.busy), ended)
+            self._pump(device, cloud, self._up, ended)
+            self._pump(cloud, device, self._down, ended)
             threading.Thread(target=self._close_when_ended, args=(ended, device, cloud), daemon=True,
                              name="link-closer").start()
 

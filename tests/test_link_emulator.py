@@ -70,6 +70,47 @@ def test_round_trip_pays_delay_and_rate_each_way(rate_down):
         assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))  # one transmission at a time
 
 
+def test_connections_share_the_link():
+    """Two connections at once take as long as their bytes at the link's rate, not half of it."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+
+            def drain(conn: socket.socket = conn) -> None:
+                with conn:
+                    while conn.recv(65536):
+                        pass
+                    conn.sendall(b"k")
+
+            threading.Thread(target=drain, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    delay, rate, size = 0.005, 2e6, 200_000
+    relay = LinkEmulator(f"127.0.0.1:{srv.getsockname()[1]}", delay, rate, record=True)
+
+    def send() -> None:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as c:
+            c.sendall(b"x" * size)
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b"k"
+
+    start = time.monotonic()
+    senders = [threading.Thread(target=send) for _ in range(2)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join()
+    elapsed = time.monotonic() - start
+    relay.close()
+    srv.close()
+    assert elapsed >= 2 * size / rate
+    spans = sorted((s, e) for d, s, e in relay.busy or [] if d == "up")
+    assert sum(e - s for s, e in spans) == pytest.approx(2 * size / rate)
+    assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))
+
+
 def test_closing_the_relay_ends_open_connections_and_its_threads():
     srv, port = _echo_server()
     relay = LinkEmulator(f"127.0.0.1:{port}", 0.001, 1e8)
