@@ -48,8 +48,8 @@ def test_bench_trains_any_family_on_its_attention_input_by_default(tiny_dir, clo
     model = tiny_dir(family)
     assert attention_targets(load_config(model).model_type) == targets
     local, split = run_paired(_spec(model, name="local-train", budget=10**9),
-                              _spec(model, name="split", cloud=cloud(model), wire="int8", budget=10**9))
-    assert split["final_loss"] == pytest.approx(local["final_loss"], abs=1e-2)  # int8 on the wire
+                              _spec(model, name="split", cloud=cloud(model), wire="float32", budget=10**9))
+    assert split["final_loss"] == pytest.approx(local["final_loss"], abs=1e-4)  # the split trains as PEFT does
     assert split["payload_per_step"] == split["formula_per_step"] > 0
 
 
