@@ -156,6 +156,15 @@ class _Direction:
             return self.free_at + self.delay
 
 
+def _shutdown(sock: socket.socket) -> None:
+    """Shut both directions of a socket that may already be closed; unlike close(), this wakes a
+    thread blocked in accept() or recv() on it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class LinkEmulator:
     """A TCP relay 127.0.0.1:port -> upstream with a delayed, rate-limited link in each direction.
 
@@ -173,9 +182,8 @@ class LinkEmulator:
         self.busy: list[tuple[str, float, float]] | None = [] if record else None
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
-        self.delay, self.rate, self.rate_down = delay_s, rate_bytes_s, rate_down or rate_bytes_s
         self._up = _Direction("up", delay_s, rate_bytes_s, self.busy)
-        self._down = _Direction("down", delay_s, self.rate_down, self.busy)
+        self._down = _Direction("down", delay_s, rate_down or rate_bytes_s, self.busy)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -240,10 +248,7 @@ class LinkEmulator:
                     dst.sendall(data)
                 dst.shutdown(socket.SHUT_WR)  # the sender closed: pass the end of stream on
             except OSError:  # the receiver is gone: stop reading from the sender too
-                try:
-                    src.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                _shutdown(src)
             ended.release()
 
         for target, role in ((read, "read"), (deliver, "deliver")):
@@ -253,10 +258,7 @@ class LinkEmulator:
         with self._lock:
             self._closed = True
             sockets, self._sockets = self._sockets, []
-        for sock in (self._server, *sockets):  # shutdown, not just close, wakes a thread blocked on the socket
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for sock in (self._server, *sockets):
+            _shutdown(sock)
             sock.close()
         self._accepter.join(timeout=5)
