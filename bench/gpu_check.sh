@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export DLORA_CACHE=${DLORA_CACHE:-/tmp/dlora-cache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, grpc, google.protobuf as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'grpcio', grpc.__version__, 'protobuf', p.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m edge_client.cli bench --shape llama-7b --device cuda --local-dtype bfloat16 \
+python3 -m edge_client.app.cli bench --shape llama-7b --device cuda --local-dtype bfloat16 \
   --cloud-device cuda --cloud-dtype bfloat16 --batch-size 16 --seq-len 128 --steps "${STEPS:-3}" \
   --wires "${WIRES:-bfloat16,int8}" --budgets "${BUDGETS:-all,L/4}" \
   --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md" --no-progress 2>&1 | tee "$OUT/gpu_bench.log"

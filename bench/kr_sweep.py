@@ -4,7 +4,7 @@ Usage: python bench/kr_sweep.py [--task arc_easy] [--budgets 30,15,8] [--revive 
 
 Training runs with `local-train` (the same policy and kill modes as the split path, in one process);
 accuracy is measured through a local dlora-cloud, as `dlora eval` does; bytes per epoch are the
-DESIGN.md formula (common/wire_cost.py) applied to every step's batch shape and the epoch's layer
+DESIGN.md formula (common/wire/cost.py) applied to every step's batch shape and the epoch's layer
 roles — the tests check that formula byte-exact against measured traffic.
 """
 
@@ -16,19 +16,19 @@ import time
 from pathlib import Path
 
 from common.config import TrainConfig
-from common.wire_cost import step_cost
-from edge_client.adapter import LoraAdapter
-from edge_client.cli import default_cache
-from edge_client.cloud_process import CloudProcess
-from edge_client.demo import MODEL, TARGETS
-from edge_client.engines import LocalEngine
-from edge_client.evaluate import evaluate, load_items, split_hidden_fn
-from edge_client.kill_revive import layer_roles
-from edge_client.link import CloudLink
-from edge_client.model_parts import EdgeModel
-from edge_client.model_prep import prepare_model
-from edge_client.tasks import prepare_task
-from edge_client.trainer import train
+from common.wire.cost import step_cost
+from edge_client.train.lora import LoraAdapter
+from edge_client.app.cli import default_cache
+from edge_client.tools.cloud_process import CloudProcess
+from edge_client.tools.demo import MODEL, TARGETS
+from edge_client.train.engines import LocalEngine
+from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
+from edge_client.train.kill_revive import layer_roles
+from edge_client.remote.link import CloudLink
+from edge_client.train.model_parts import EdgeModel
+from edge_client.tools.model_prep import prepare_model
+from edge_client.tools.tasks import prepare_task
+from edge_client.train.trainer import train
 
 
 def bytes_per_epoch(out: Path, edge: EdgeModel, mode: str, wire: str = "float32") -> list[int]:

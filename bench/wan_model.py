@@ -11,7 +11,7 @@ top, dL/d(delta) down, the device's LoRA backward, dL/dx up, the cloud's layer b
 - The link is what the bench's emulator is: per direction, a FIFO queue serialising at RATE, then
   DELAY of flight. A schedule may instead give the queue ideal priorities (no such thing exists in
   gRPC over TCP: it hands every message to the socket at once, so the queue is the link's).
-- The device answers layer calls on one thread and computes heads on another (as edge_client/link.py
+- The device answers layer calls on one thread and computes heads on another (as edge_client/remote/link.py
   does); the cloud runs each micro-batch on its own thread. Compute times scale with tokens and
   do not model two processes sharing two cores.
 

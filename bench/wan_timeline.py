@@ -3,7 +3,7 @@
 Usage: python bench/wan_timeline.py [--wan 10ms,100mbit] [--wire int8] [--micro-batches 1,4] [--steps 3]
            [--model DIR] [--out docs/wan_link_timeline.png]
 
-Runs `dlora bench`'s worker through the user-space link emulator (edge_client/link_emulator.py) with
+Runs `dlora bench`'s worker through the user-space link emulator (edge_client/tools/link_emulator.py) with
 recording on, and draws, for the last two steps of each M, when the link carried bytes up (device to
 cloud) and down, in 20 ms bins, with each direction's busy share, and how busy the machine's CPUs were
 (from /proc/stat, sampled every 20 ms: cloud and device share them here).
@@ -23,11 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.model_files import load_config  # noqa: E402
-from edge_client.bench import attention_targets, run_worker  # noqa: E402
-from edge_client.cli import default_cache  # noqa: E402
-from edge_client.cloud_process import CloudProcess  # noqa: E402
-from edge_client.link_emulator import LinkEmulator, parse_wan  # noqa: E402
-from edge_client.synthetic import BENCH_CONFIG, llama_config, write_random_model  # noqa: E402
+from edge_client.tools.bench import attention_targets, run_worker  # noqa: E402
+from edge_client.app.cli import default_cache  # noqa: E402
+from edge_client.tools.cloud_process import CloudProcess  # noqa: E402
+from edge_client.tools.link_emulator import LinkEmulator, parse_wan  # noqa: E402
+from edge_client.tools.synthetic import BENCH_CONFIG, llama_config, write_random_model  # noqa: E402
 
 BIN_S = 0.02
 

@@ -16,10 +16,10 @@ import grpc
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
 from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
-from common import frames
+from common.wire import frames
 from common.config import ServeConfig
 from common.errors import ConfigError, DloraError, SessionError, status_of
-from common.frames import Frame
+from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 
@@ -111,7 +111,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
 
 def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:
     """The service's methods, as the generated code registers them, but with the session stream's
-    tensor bytes framed by common.frames (valid protobuf either way; see that module)."""
+    tensor bytes framed by common.wire.frames (valid protobuf either way; see that module)."""
     return grpc.method_handlers_generic_handler("dlora.v1.SplitTraining", {
         "Session": grpc.stream_stream_rpc_method_handler(
             servicer.Session, request_deserializer=lambda raw: frames.parse(raw, pb.EdgeMessage),

@@ -21,10 +21,10 @@ import torch
 
 from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack, active_step
-from common import codecs
+from common.wire import codecs
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
-from common.frames import Frame
+from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.codecs import WIRE_CODECS
+from common.wire.codecs import WIRE_CODECS
 from common.errors import ConfigError
 
 KillMode = Literal["frozen", "detached", "dropped"]

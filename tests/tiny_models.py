@@ -17,7 +17,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from edge_client.synthetic import byte_tokenizer
+from edge_client.tools.synthetic import byte_tokenizer
 
 VOCAB = 260  # 256 byte tokens + <eos> + <pad>, rounded up
 LAYERS = 3

@@ -1,0 +1,114 @@
+"""Multiple-choice accuracy by log-likelihood, through the split path (forward only).
+
+Each choice is scored by the mean log-probability of its tokens given the prompt (length-
+normalised); the prediction is the best-scoring choice. The choices of several items go through
+the cloud in one batched forward; only the hidden rows that predict choice tokens reach the head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.errors import ConfigError
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.train.lora import LoraAdapter
+from edge_client.train.data import read_jsonl
+from edge_client.remote.link import CloudLink
+from edge_client.train.model_parts import EdgeModel
+
+log = logging.getLogger(__name__)
+
+# (input_ids (B, T), attention_mask (B, T)) -> final hidden states (B, T, E_out)
+HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    choices: list[str]
+    answer: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    correct: int
+    total: int
+    predictions: list[int]
+
+
+def load_items(path: Path, limit: int | None = None) -> list[Item]:
+    """Read {"prompt", "choices", "answer"} lines.
+
+    Raises:
+        ConfigError: bad line (names the line), or answer out of range.
+    """
+    rows = read_jsonl(path, (("prompt", "choices", "answer"),))
+    items = []
+    for n, row in enumerate(rows, 1):
+        choices, answer = row["choices"], row["answer"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ConfigError(f"--data {path}: item {n}: choices must be a list of at least two strings")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ConfigError(f"--data {path}: item {n}: answer must be an index into choices (0..{len(choices) - 1})")
+        items.append(Item(str(row["prompt"]), choices, answer))
+    return items[:limit] if limit else items
+
+
+def split_hidden_fn(link: CloudLink, adapter: LoraAdapter | None) -> HiddenFn:
+    """A HiddenFn that runs the frozen stack on the cloud, with the adapter's deltas if given."""
+    role = pb.FORWARD if adapter is not None else pb.ABSENT
+    counter = iter(range(1 << 62))
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        box: list[torch.Tensor] = []
+        with torch.no_grad():
+            emb = link.edge.embed(ids)
+        link.run_step(next(counter), 0, emb, mask, [role] * link.num_layers, False, adapter,
+                      lambda h: box.append(h) or None)  # type: ignore[func-returns-value]
+        return box[0]
+
+    return run
+
+
+def evaluate(edge: EdgeModel, hidden_fn: HiddenFn, items: list[Item], max_length: int = 256,
+             items_per_batch: int = 8, progress: bool = True) -> EvalResult:
+    """Accuracy of the model behind hidden_fn on items."""
+    tok = edge.tokenizer
+    pad = tok.pad_token_id
+    max_length = edge.cap_length(max_length)
+    preds: list[int] = []
+    for start in tqdm(range(0, len(items), items_per_batch), disable=not progress, desc="eval", unit="batch"):
+        chunk = items[start : start + items_per_batch]
+        seqs: list[tuple[list[int], int]] = []  # (ids, number of choice tokens)
+        for item in chunk:
+            p = tok(item.prompt)["input_ids"]
+            for choice in item.choices:
+                c = tok(choice, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+                ids = (p + c)[-max_length:]
+                seqs.append((ids, min(len(c), len(ids) - 1)))
+        width = max(len(s) for s, _ in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, _) in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        hidden = hidden_fn(ids, mask)  # (B, T, E_out)
+        scores = []
+        with torch.no_grad():
+            for i, (s, n_choice) in enumerate(seqs):
+                pos = torch.arange(len(s) - n_choice - 1, len(s) - 1)  # rows that predict the choice tokens
+                logp = torch.log_softmax(edge.logits(hidden[i, pos]).float(), dim=-1)  # (n_choice, V)
+                scores.append(float(logp.gather(1, ids[i, pos + 1][:, None]).mean()))
+        k = 0
+        for item in chunk:
+            n = len(item.choices)
+            preds.append(int(torch.tensor(scores[k : k + n]).argmax()))
+            k += n
+    correct = sum(int(p == it.answer) for p, it in zip(preds, items))
+    return EvalResult(correct / max(len(items), 1), correct, len(items), preds)

@@ -1,0 +1,70 @@
+"""--micro-batches M: the step's micro-batches overlap on the wire and add up to exactly the M=1 step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import TrainConfig
+from edge_client.train.data import collate, load_examples
+from edge_client.train.engines import SplitEngine
+from edge_client.train.kill_revive import layer_roles
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("m,mode", [(2, "detached"), (4, "frozen"), (3, "dropped")])
+def test_micro_batches_equal_one_batch(family, m, mode, tiny_dir, cloud, data_file, tmp_path):
+    model_dir = tiny_dir(family, layers=4)
+    address = cloud(model_dir)
+    engines = []
+    for micro in (1, m):
+        cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=address, lora_dropout=0.0,
+                          micro_batches=micro, rank=4, progress=False)
+        engine = SplitEngine(cfg)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(7)
+            for p in engine.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        engine.set_active({1, 2}, mode)
+        engines.append(engine)
+    examples = load_examples(data_file, engines[0].tokenizer, 64)
+    roles = layer_roles({1, 2}, 4, mode)
+    opts = [torch.optim.AdamW(e.parameters(), lr=1e-2) for e in engines]
+    for step in range(3):
+        batch = collate(examples[step * 5 : step * 5 + 5], engines[0].tokenizer.pad_token_id)
+        results = []
+        for engine, opt in zip(engines, opts):
+            opt.zero_grad(set_to_none=True)
+            results.append(engine.train_step(batch, step, roles))
+        (loss1, t1), (loss_m, tm) = results
+        assert tm.messages["up:step_begin"] == m and t1.messages["up:step_begin"] == 1
+        assert loss_m == pytest.approx(loss1, abs=1e-5)
+        for p1, pm in zip(engines[0].parameters(), engines[1].parameters()):
+            assert (p1.grad is None) == (pm.grad is None)
+            if p1.grad is not None:
+                torch.testing.assert_close(pm.grad, p1.grad, atol=1e-5, rtol=1e-4)
+        for opt in opts:
+            opt.step()
+    for e in engines:
+        e.close()
+
+
+def test_a_failing_head_fails_the_step_not_hangs(tiny_dir, cloud, data_file, tmp_path):
+    """With M > 1 the heads compute in their own thread; an error there is the step's error."""
+    from edge_client.remote.link import MicroBatch
+
+    model_dir = tiny_dir("llama", layers=2)
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), micro_batches=2,
+                      progress=False, reply_timeout_s=30)
+    engine = SplitEngine(cfg)
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        emb = engine.edge.embed(ids)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        raise ValueError("head broke")
+
+    parts = [MicroBatch(emb[i : i + 1], torch.ones(1, 8, dtype=torch.long), head) for i in range(2)]
+    with pytest.raises(ValueError, match="head broke"):
+        engine.link.run_micro_batches(0, parts, layer_roles({0, 1}, 2, "detached"), True, engine.adapter)
+    engine.close()

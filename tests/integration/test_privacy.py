@@ -1,0 +1,81 @@
+"""What each side holds and sees: no decoder blocks on the edge; no ids, labels or LoRA weights on the wire."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+
+from common.config import TrainConfig
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from edge_client.train.data import collate, load_examples
+from edge_client.train.engines import SplitEngine
+from edge_client.train.model_parts import EdgeModel
+
+
+class RecordingProxy(pb_grpc.SplitTrainingServicer):
+    """A real gRPC hop between edge and cloud that keeps a copy of every message the cloud receives."""
+
+    def __init__(self, upstream: str) -> None:
+        self.stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(upstream))
+        self.seen: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def Session(self, request_iterator, context):
+        def tap():
+            for msg in request_iterator:
+                with self.lock:
+                    self.seen.append(msg.SerializeToString())
+                yield msg
+        yield from self.stub.Session(tap())
+
+
+def test_edge_materialises_no_decoder_block(tiny_dir):
+    model_dir = tiny_dir("llama")
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    edge = EdgeModel(model_dir)
+    gc.collect()
+    new = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before and o.device.type != "meta"]
+    held = {id(edge.embedding.weight), id(edge.head.weight)}
+    others = [t for t in new if id(t) not in held and t.numel() > 64]
+    assert others == [], [tuple(t.shape) for t in others]
+    names = [n for m in edge.modules_on_device().values() for n, _ in m.named_parameters()]
+    assert names == ["weight", "weight"]
+    assert not any(isinstance(o, torch.nn.ModuleList) for o in gc.get_objects() if id(o) not in before)
+
+
+def test_wire_carries_no_ids_labels_or_lora_weights(tiny_dir, cloud, data_file, tmp_path):
+    model_dir = tiny_dir("llama")
+    proxy = RecordingProxy(cloud(model_dir))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_SplitTrainingServicer_to_server(proxy, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=f"127.0.0.1:{port}", progress=False)
+        split = SplitEngine(cfg)
+        with torch.no_grad():
+            for _, p in split.adapter.named_lora_parameters():
+                p.normal_(0, 0.1)
+        lora_bytes = [p.detach().numpy().tobytes() for _, p in split.adapter.named_lora_parameters()]
+        batch = collate(load_examples(data_file, split.tokenizer, 64)[:6], split.tokenizer.pad_token_id)
+        split.train_step(batch, 0, [pb.FORWARD_BACKWARD] * split.num_layers)
+        split.close()
+    finally:
+        server.stop(0)
+    assert len(proxy.seen) == 1 + 1 + 3 + 1 + 3  # hello, step_begin, 3 deltas, hidden_grad, 3 lora_grads
+    stream = b"".join(proxy.seen)
+    for row, labels in zip(batch.input_ids, batch.labels):
+        for dtype in (torch.int64, torch.int32):
+            assert row[:8].to(dtype).numpy().tobytes() not in stream
+            kept = labels[labels != -100]
+            assert kept.to(dtype).numpy().tobytes() not in stream
+    for raw in lora_bytes:
+        assert raw[:32] not in stream
+    kinds = {pb.EdgeMessage.FromString(m).WhichOneof("kind") for m in proxy.seen}
+    assert kinds == {"hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad"}

@@ -1,0 +1,89 @@
+"""The golden test: split training computes what PEFT computes (loss and every LoRA gradient), per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import FAMILIES
+from transformers import AutoModelForCausalLM
+
+from common.config import TrainConfig
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.train.data import collate, load_examples
+from edge_client.train.engines import LocalEngine, SplitEngine
+
+ALL_TARGETS = {
+    "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "opt": "q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+    "gpt2": "c_attn,c_proj,c_fc",
+}
+
+
+def _nonzero_init(engines: list, model_dir, cfg: TrainConfig) -> None:
+    """Give every engine the same LoRA weights from PEFT's init_lora_weights=False (B non-zero)."""
+    torch.manual_seed(123)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)),
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(engines[0].edge.target_paths),
+                   init_lora_weights=False, fan_in_fan_out="gpt2" in str(model_dir)),
+    )
+    ref = {k.replace(".default", ""): v for k, v in peft.named_parameters() if "lora_" in k}
+    names = [k for k, _ in engines[0].adapter.named_lora_parameters()] if hasattr(engines[0], "adapter") else None
+    for engine in engines:
+        with torch.no_grad():
+            for name, p in zip(names, engine.parameters()):
+                p.copy_(ref[name])
+        assert all(float(p.detach().abs().sum()) > 0 for p in engine.parameters())
+
+
+@pytest.mark.parametrize("family,targets", [(f, None) for f in FAMILIES] + [(f, t) for f, t in ALL_TARGETS.items()])
+def test_split_equals_peft(family, targets, tiny_dir, cloud, data_file, tmp_path):
+    model_dir = tiny_dir(family)
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), rank=4, alpha=8,
+                      lora_dropout=0.0, targets=tuple(targets.split(",")) if targets else None, progress=False)
+    split, local = SplitEngine(cfg), LocalEngine(cfg)
+    _nonzero_init([split, local], model_dir, cfg)
+    names = [k for k, _ in split.adapter.named_lora_parameters()]
+    opts = [torch.optim.AdamW(e.parameters(), lr=1e-2) for e in (split, local)]
+    examples = load_examples(data_file, split.tokenizer, 64)
+    roles = [pb.FORWARD_BACKWARD] * split.num_layers
+    for step in range(3):
+        batch = collate(examples[step * 5 : step * 5 + 5], split.tokenizer.pad_token_id)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss_s, traffic = split.train_step(batch, step, roles)
+        loss_l, _ = local.train_step(batch, step, roles)
+        assert traffic.payload_up > 0 and traffic.payload_down > 0
+        assert loss_s == pytest.approx(loss_l, abs=1e-5)
+        for name, ps, pl in zip(names, split.parameters(), local.parameters()):
+            assert ps.grad is not None and pl.grad is not None, name
+            torch.testing.assert_close(ps.grad, pl.grad, atol=1e-5, rtol=1e-4, msg=f"step {step} {name}")
+        for opt in opts:
+            opt.step()
+    for name, ps, pl in zip(names, split.parameters(), local.parameters()):
+        torch.testing.assert_close(ps, pl, atol=1e-5, rtol=1e-4, msg=name)
+    split.close()
+
+
+def test_one_round_trip_per_input_group(tiny_dir, cloud, data_file, tmp_path):
+    """q, k and v read one input: one LoraForward per layer for them; backward stops at the lowest layer."""
+    model_dir = tiny_dir("llama")
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir),
+                      targets=("q_proj", "k_proj", "v_proj", "down_proj"), progress=False)
+    split = SplitEngine(cfg)
+    batch = collate(load_examples(data_file, split.tokenizer, 64)[:4], split.tokenizer.pad_token_id)
+    roles = [pb.FORWARD_BACKWARD] * 3
+    _, traffic = split.train_step(batch, 0, roles)
+    # 3 layers x 2 groups (qkv, down) forward and backward
+    assert traffic.messages["down:lora_forward"] == 6
+    assert traffic.messages["down:lora_backward"] == 6
+    roles = [pb.FORWARD, pb.FORWARD_BACKWARD, pb.FORWARD]
+    _, traffic = split.train_step(batch, 1, roles)
+    assert traffic.messages["down:lora_forward"] == 6
+    assert traffic.messages["down:lora_backward"] == 2  # layer 1 only
+    roles = [pb.ABSENT, pb.ABSENT, pb.FORWARD_BACKWARD]
+    _, traffic = split.train_step(batch, 2, roles)
+    assert traffic.messages["down:lora_forward"] == 2
+    assert traffic.messages["down:lora_backward"] == 2
+    split.close()

@@ -1,0 +1,135 @@
+"""`dlora-cloud serve` and `dlora train` as separate OS processes, against `dlora local-train`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.train.lora import LoraAdapter
+from edge_client.remote.link import CloudLink
+from edge_client.train.model_parts import EdgeModel
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def start_cloud(model_dir: Path, redis_url: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_server.cli", "serve", "--model", str(model_dir), "--port", "0",
+                             "--redis-url", redis_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("dlora-cloud did not start")
+
+
+def dlora(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_client.app.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_train_against_cloud_process_equals_local_train(family, tiny_dir, data_file, tmp_path, redis_url):
+    model_dir = tiny_dir(family)
+    proc, address = start_cloud(model_dir, redis_url)
+    try:
+        flags = ["--model", str(model_dir), "--data", str(data_file), "--epochs", "2", "--batch-size", "5",
+                 "--lr", "1e-2", "--rank", "4", "--no-progress"]
+        split = dlora("train", "--cloud", address, "--output", str(tmp_path / "split"), *flags)
+        assert split.returncode == 0, split.stderr
+        local = dlora("local-train", "--output", str(tmp_path / "local"), *flags)
+        assert local.returncode == 0, local.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    a = load_file(str(tmp_path / "split" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "local" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and len(a) == 2 * 3 * (1 if family == "gpt2" else 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+        assert float(a[k].abs().sum()) > 0
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4  # 16 examples / batch 5 -> 4 steps per epoch
+    for key in ("epoch", "step", "loss", "lr", "step_s", "bytes_to_cloud", "bytes_from_cloud"):
+        assert key in rows[0]
+    assert rows[0]["bytes_to_cloud"] > 0 and rows[0]["bytes_from_cloud"] > 0
+    assert "trained 8 steps" in split.stdout
+
+
+def test_exported_adapter_gives_split_logits(tiny_dir, cloud, data_file, tmp_path):
+    """PeftModel.from_pretrained(base, adapter) on the full model = the split model's logits."""
+    model_dir = tiny_dir("qwen2")
+    address = cloud(model_dir)
+    edge = EdgeModel(model_dir, ("q_proj", "v_proj", "o_proj"))
+    adapter = LoraAdapter(edge, rank=4, alpha=8, dropout=0.0, seed=3)
+    with torch.no_grad():
+        for _, p in adapter.named_lora_parameters():
+            p.normal_(0, 0.2)
+    adapter.save(tmp_path / "adapter")
+    ids = torch.randint(0, 256, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    link = CloudLink(address, edge)
+    link.open()
+    box = []
+    link.run_step(0, 0, edge.embed(ids), mask, [pb.FORWARD] * edge.num_layers, False, adapter,
+                  lambda h: box.append(h))
+    link.close()
+    split_logits = edge.logits(box[0])
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "adapter"))
+    full.eval()
+    with torch.no_grad():
+        ref = full(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(split_logits[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_two_sessions_at_once_on_one_cloud(tiny_dir, cloud, data_file, tmp_path):
+    """One cloud, two concurrent sessions with different targets and seeds: each equals its local run."""
+    import threading
+
+    from common.config import TrainConfig
+    from edge_client.train.engines import LocalEngine, SplitEngine
+    from edge_client.train.trainer import train
+
+    model_dir = tiny_dir("llama")
+    address = cloud(model_dir)
+    cfgs = [TrainConfig(model=model_dir, data=data_file, output=tmp_path / f"s{i}", cloud=address, epochs=2,
+                        batch_size=4, lr=1e-2, seed=i, targets=t, lora_dropout=0.0, progress=False)
+            for i, t in enumerate([("q_proj", "v_proj"), ("down_proj",)])]
+    engines = [SplitEngine(c) for c in cfgs]
+    errors: list[BaseException] = []
+
+    def run(cfg, engine):
+        try:
+            train(cfg, engine)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c, e)) for c, e in zip(cfgs, engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for cfg in cfgs:
+        local_cfg = cfg.model_copy(update={"cloud": None, "output": cfg.output.with_name(cfg.output.name + "-local")})
+        train(local_cfg, LocalEngine(local_cfg))
+        a = load_file(str(cfg.output / "adapter_model.safetensors"))
+        b = load_file(str(local_cfg.output / "adapter_model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
