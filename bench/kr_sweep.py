@@ -17,17 +17,17 @@ from pathlib import Path
 
 from common.config import TrainConfig
 from common.wire.cost import step_cost
-from edge_client.train.lora import LoraAdapter
 from edge_client.app.cli import default_cache
+from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
+from edge_client.remote.link import CloudLink
 from edge_client.tools.cloud_process import CloudProcess
 from edge_client.tools.demo import MODEL, TARGETS
-from edge_client.train.engines import LocalEngine
-from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
-from edge_client.train.kill_revive import layer_roles
-from edge_client.remote.link import CloudLink
-from edge_client.train.model_parts import EdgeModel
 from edge_client.tools.model_prep import prepare_model
 from edge_client.tools.tasks import prepare_task
+from edge_client.train.engines import LocalEngine
+from edge_client.train.kill_revive import layer_roles
+from edge_client.train.lora import LoraAdapter
+from edge_client.train.model_parts import EdgeModel
 from edge_client.train.trainer import train
 
 

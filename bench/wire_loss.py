@@ -15,9 +15,9 @@ from pathlib import Path
 
 from common.config import TrainConfig
 from edge_client.app.cli import default_cache
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.tools.cloud_process import CloudProcess
 from edge_client.tools.demo import MODEL, TARGETS
-from edge_client.train.engines import SplitEngine
 from edge_client.tools.model_prep import prepare_model
 from edge_client.tools.tasks import prepare_task
 from edge_client.train.trainer import train

@@ -14,23 +14,18 @@ from concurrent import futures
 import grpc
 
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
-from cloud_server.session import PROTOCOL, EdgeLink, SessionSpec, compute_pool, open_spec, run_session
+from cloud_server.session import EdgeLink, SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
-from common.wire import frames
 from common.config import ServeConfig
 from common.errors import ConfigError, DloraError, SessionError, status_of
-from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.wire import frames
+from common.wire.frames import Frame
+from common.wire.protocol import PROTOCOL, channel_options
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
-
-
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    """gRPC message limits, set explicitly on both ends (gRPC's default receive limit is 4 MB)."""
-    limit = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):

@@ -21,16 +21,16 @@ import torch
 
 from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack, active_step
-from common.wire import codecs
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
-from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig
+from common.wire import codecs
+from common.wire.frames import Frame
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "dlora.v1"
 _END = object()  # end-of-stream marker on the queues
 MAX_MICRO_BATCHES_IN_FLIGHT = 8  # per session, before further micro-batches queue for a compute thread
 
@@ -233,7 +233,7 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
     widths = [sum(stack.out_width(p) for p in g) for g in groups]
     codec_up = codecs.BY_ENUM[hello.codec_up].name if hello.codec_up in codecs.BY_ENUM else ""
     codec_down = codecs.BY_ENUM[hello.codec_down].name if hello.codec_down in codecs.BY_ENUM else ""
-    if codec_up not in codecs.WIRE_CODECS or codec_down not in codecs.WIRE_CODECS:
+    if codec_up not in WIRE_CODECS or codec_down not in WIRE_CODECS:
         raise ProtocolError(f"unsupported codecs up={hello.codec_up} down={hello.codec_down}")
     kr = KRConfig(
         num_layers=stack.num_layers,
@@ -242,7 +242,7 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
         revive=hello.revive,
         kill_threshold=hello.kill_threshold or None,
     )
-    block = hello.block_size_down or codecs.DEFAULT_BLOCK_SIZE
+    block = hello.block_size_down or DEFAULT_BLOCK_SIZE
     return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr)
 
 

@@ -11,8 +11,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.wire.codecs import WIRE_CODECS
 from common.errors import ConfigError
+from common.wire.protocol import WIRE_CODECS
 
 KillMode = Literal["frozen", "detached", "dropped"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,6 +9,7 @@ renames a module touches this file only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import ConfigError
 
@@ -123,3 +124,14 @@ def target_groups(family: Family, targets: tuple[str, ...]) -> list[tuple[str, .
     """The chosen targets split by input group; index i is group i of the family (may be empty)."""
     selected = set(targets)
     return [tuple(p for p in group if p in selected) for group in family.input_groups]
+
+
+def linear_shape(module: Any) -> tuple[int, int]:
+    """(in, out) of a LoRA-able module: nn.Linear stores its weight as (out, in), GPT-2's Conv1D as (in, out)."""
+    rows, cols = int(module.weight.shape[0]), int(module.weight.shape[1])
+    return (rows, cols) if type(module).__name__ == "Conv1D" else (cols, rows)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's learned or rotary positions allow (None: no known cap)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -20,6 +20,7 @@ import torch
 
 from common.errors import ProtocolError
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, WIRE_CODECS
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ CODECS: dict[str, CodecSpec] = {
     "uint8": CodecSpec("uint8", pb.UINT8, torch.uint8, 1),
 }
 BY_ENUM: dict[int, CodecSpec] = {spec.codec: spec for spec in CODECS.values()}
-WIRE_CODECS = ("float32", "bfloat16", "float16", "int8")  # what --wire accepts
-DEFAULT_BLOCK_SIZE = 4096
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.wire.codecs import codec_spec
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire.codecs import codec_spec
 
 
 @dataclass(frozen=True)

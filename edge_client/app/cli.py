@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.wire.codecs import WIRE_CODECS
 from common.config import TrainConfig, check_int8_block_size, flag_error
 from common.errors import ConfigError, DloraError, RemoteError
+from common.wire.protocol import WIRE_CODECS
 
 log = logging.getLogger("dlora")
 
@@ -196,7 +196,8 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace, split: bool) -> int:
-    from edge_client.train.engines import LocalEngine, SplitEngine
+    from edge_client.remote.split_engine import SplitEngine
+    from edge_client.train.engines import LocalEngine
     from edge_client.train.trainer import train
 
     cfg = train_config(args, split)
@@ -215,11 +216,11 @@ def _train(args: argparse.Namespace, split: bool) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from edge_client.train.lora import LoraAdapter, read_adapter_config
     from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
     from edge_client.remote.link import CloudLink
-    from edge_client.train.model_parts import EdgeModel
     from edge_client.tools.tasks import TASK_NAMES, prepare_task
+    from edge_client.train.lora import LoraAdapter, read_adapter_config
+    from edge_client.train.model_parts import EdgeModel
 
     if (args.data is None) == (args.tasks is None):
         raise ConfigError("dlora eval needs exactly one of --data FILE or --tasks a,b")

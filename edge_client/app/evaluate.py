@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from common.errors import ConfigError
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from edge_client.train.lora import LoraAdapter
-from edge_client.train.data import read_jsonl
 from edge_client.remote.link import CloudLink
+from edge_client.train.data import read_jsonl
+from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
 log = logging.getLogger(__name__)

@@ -79,7 +79,8 @@ class _Progress:
 
 
 def run(session_dir: Path) -> int:
-    from edge_client.train.engines import LocalEngine, SplitEngine
+    from edge_client.remote.split_engine import SplitEngine
+    from edge_client.train.engines import LocalEngine
     from edge_client.train.trainer import Stopped, train
 
     request = json.loads((session_dir / "request.json").read_text())

@@ -13,17 +13,17 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
 
-from common.wire import codecs
-from common.wire import frames
 from common.errors import ProtocolError, RemoteError
-from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision, KRConfig
+from common.wire import codecs, frames
+from common.wire.frames import Frame
+from edge_client.train.engines import Traffic
 from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
@@ -48,17 +48,6 @@ class MicroBatch:
     embeddings: torch.Tensor  # (B, T, E)
     attention_mask: torch.Tensor  # (B, T)
     on_hidden: HiddenCallback
-
-
-@dataclass
-class Traffic:
-    """Bytes of one micro-batch by direction: tensor payload, and whole serialized messages."""
-
-    payload_up: int = 0
-    payload_down: int = 0
-    wire_up: int = 0
-    wire_down: int = 0
-    messages: dict[str, int] = field(default_factory=dict)  # message kind -> count
 
 
 def _payload(msg: pb.EdgeMessage | pb.CloudMessage) -> int:
@@ -279,7 +268,7 @@ class CloudLink:
                 else:
                     raise ProtocolError(f"cloud sent {kind} in the middle of step {step}")
             # every message of the step was serialized before the cloud could answer the last one
-            traffic.wire_up, traffic.wire_down = (a - b for a, b in zip(self._wire_totals(), (up0, down0)))
+            traffic.bytes_up, traffic.bytes_down = (a - b for a, b in zip(self._wire_totals(), (up0, down0)))
             return traffic
         finally:
             if adapter is not None:

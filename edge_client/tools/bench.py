@@ -32,17 +32,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.wire.codecs import WIRE_CODECS
 from common.config import TrainConfig, check_int8_block_size
 from common.errors import ConfigError
 from common.families import family_of, resolve_targets
 from common.model_files import load_config
 from common.wire.cost import step_cost
+from common.wire.protocol import WIRE_CODECS
 from edge_client.tools.cloud_process import CloudProcess
-from edge_client.train.data import Batch
-from edge_client.train.kill_revive import layer_roles
 from edge_client.tools.link_emulator import LinkEmulator, NetemLink, netem_status, parse_wan
 from edge_client.tools.synthetic import BENCH_CONFIG, LLAMA_7B_CONFIG, llama_config, write_random_model
+from edge_client.train.data import Batch
+from edge_client.train.kill_revive import layer_roles
 
 
 def attention_targets(model_type: str) -> tuple[str, ...]:
@@ -138,7 +138,8 @@ class _Trainer:
     """One configuration's training loop, in this (fresh) process, one step at a time."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from edge_client.train.engines import LocalEngine, SplitEngine
+        from edge_client.remote.split_engine import SplitEngine
+        from edge_client.train.engines import LocalEngine
 
         up, _, down = spec.get("wire", "float32").partition("/")  # "int8" or "int8/bfloat16" (up/down)
         self.cfg = cfg = TrainConfig(
@@ -178,7 +179,7 @@ class _Trainer:
             self.times.append(seconds)
             self.cpu.append(time.process_time() - c0)
             self.payload.append(traffic.payload_up + traffic.payload_down)
-            self.wire.append(traffic.wire_up + traffic.wire_down)
+            self.wire.append(traffic.bytes_up + traffic.bytes_down)
         self.next += 1
         return seconds
 

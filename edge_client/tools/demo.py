@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from common.config import TrainConfig
-from edge_client.train.lora import LoraAdapter
-from edge_client.tools.cloud_process import CloudProcess
-from edge_client.train.engines import SplitEngine
 from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
-from edge_client.train.model_parts import EdgeModel
+from edge_client.remote.split_engine import SplitEngine
+from edge_client.tools.cloud_process import CloudProcess
 from edge_client.tools.model_prep import prepare_model
 from edge_client.tools.tasks import prepare_task
+from edge_client.train.lora import LoraAdapter
+from edge_client.train.model_parts import EdgeModel
 from edge_client.train.trainer import train
 
 log = logging.getLogger(__name__)

@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, engine: Engine, checkpoints: Path | None = None,
                 row = {
                     "epoch": epoch + 1, "step": step + 1, "loss": loss, "lr": lr, "step_s": round(dt, 4),
                     "tokens": int(batch.attention_mask.sum()), "batch_shape": list(batch.input_ids.shape),
-                    "bytes_to_cloud": traffic.wire_up, "bytes_from_cloud": traffic.wire_down,
+                    "bytes_to_cloud": traffic.bytes_up, "bytes_from_cloud": traffic.bytes_down,
                     "payload_to_cloud": traffic.payload_up, "payload_from_cloud": traffic.payload_down,
                     "active_modules": len(active),
                 }
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, engine: Engine, checkpoints: Path | None = None,
                 metrics.flush()
                 step += 1
                 log.info("step=%d loss=%.4f active=%d/%d up=%.1fMB down=%.1fMB %.2fs", step, loss,
-                         len(active), layers, traffic.wire_up / 1e6, traffic.wire_down / 1e6, dt)
+                         len(active), layers, traffic.bytes_up / 1e6, traffic.bytes_down / 1e6, dt)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", active=f"{len(active)}/{layers}")
                 bar.update(1)
                 if observer is not None:

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import TrainConfig
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train import checkpoint
-from edge_client.train.engines import LocalEngine, SplitEngine
+from edge_client.train.engines import LocalEngine
 from edge_client.train.trainer import Stopped, train
 
 

@@ -10,8 +10,9 @@ import torch
 from common.config import TrainConfig
 from common.scheduler import KRConfig, decide, initial_state
 from common.wire.cost import step_cost
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import collate, load_examples
-from edge_client.train.engines import LocalEngine, SplitEngine
+from edge_client.train.engines import LocalEngine
 from edge_client.train.kill_revive import layer_roles
 from edge_client.train.trainer import train
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from common.config import TrainConfig
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import collate, load_examples
-from edge_client.train.engines import SplitEngine
 from edge_client.train.kill_revive import layer_roles
 
 

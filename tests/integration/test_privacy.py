@@ -12,8 +12,8 @@ import torch
 from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import collate, load_examples
-from edge_client.train.engines import SplitEngine
 from edge_client.train.model_parts import EdgeModel
 
 

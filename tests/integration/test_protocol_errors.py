@@ -8,10 +8,10 @@ import grpc
 import pytest
 import torch
 
-from common.wire import codecs
 from common.model_files import fingerprint
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.wire import codecs
 
 H = 32  # tiny model hidden size
 L = 3

@@ -9,8 +9,8 @@ import pytest
 from common.config import TrainConfig
 from common.errors import ConfigError
 from edge_client.app.cli import main as dlora
-from edge_client.train.engines import SplitEngine
 from edge_client.app.report import write_report
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.trainer import train
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import collate, load_examples
-from edge_client.train.engines import LocalEngine, SplitEngine
+from edge_client.train.engines import LocalEngine
 
 ALL_TARGETS = {
     "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from edge_client.train.lora import LoraAdapter
 from edge_client.remote.link import CloudLink
+from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -103,7 +103,8 @@ def test_two_sessions_at_once_on_one_cloud(tiny_dir, cloud, data_file, tmp_path)
     import threading
 
     from common.config import TrainConfig
-    from edge_client.train.engines import LocalEngine, SplitEngine
+    from edge_client.remote.split_engine import SplitEngine
+    from edge_client.train.engines import LocalEngine
     from edge_client.train.trainer import train
 
     model_dir = tiny_dir("llama")

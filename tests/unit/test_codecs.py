@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from common.wire import codecs
-from common.wire.codecs import CODECS, WIRE_CODECS, decode, encode, nbytes
 from common.errors import ProtocolError
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire import codecs
+from common.wire.codecs import CODECS, decode, encode, nbytes
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, WIRE_CODECS
 
 SHAPES = [(), (1,), (3, 5, 7), (2, 1000, 3), (0, 4)]
 FLOAT_CODECS = ("float32", "bfloat16", "float16")
@@ -94,7 +95,7 @@ def test_noncontiguous_input_round_trips(codec: str, name: str, x: torch.Tensor)
     assert list(msg.shape) == list(x.shape)
     y = decode(msg, "t", tuple(x.shape), codec)
     if codec == "int8":
-        bound = _block_absmax(x, codecs.DEFAULT_BLOCK_SIZE) * (1 / 254 + 1e-6)
+        bound = _block_absmax(x, DEFAULT_BLOCK_SIZE) * (1 / 254 + 1e-6)
         assert bool(((y - x).abs() <= bound).all())
     else:
         assert torch.equal(y, _expected(x, codec))

@@ -12,10 +12,10 @@ import pytest
 from pydantic import BaseModel, ValidationError
 from tiny_models import save_tiny_model
 
-from common.wire.codecs import WIRE_CODECS
 from common.config import ServeConfig, TrainConfig, flag_error
 from common.errors import ConfigError
 from common.model_files import fingerprint, load_config, tensor_index
+from common.wire.protocol import WIRE_CODECS
 
 TRAIN: dict[str, Any] = {"model": Path("m"), "data": Path("d.jsonl"), "output": Path("out")}
 SERVE: dict[str, Any] = {"model": Path("m")}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.wire import codecs
-from common.wire import frames
 from common.errors import ProtocolError
-from common.wire.frames import Frame
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire import codecs, frames
+from common.wire.frames import Frame
 
 
 def _step_begin() -> tuple[Frame, pb.EdgeMessage, torch.Tensor]:

@@ -1,0 +1,20 @@
+"""Facts both ends of a session stream must agree on: the protocol name, the RPC paths, the codec
+names a flag may choose, and the gRPC channel options. Nothing here imports torch, so command lines
+can use it before process tuning (common/tuning.py) has run."""
+
+from __future__ import annotations
+
+PROTOCOL = "dlora.v1"  # Hello.protocol; a cloud refuses an edge that speaks another
+SERVICE = "dlora.v1.SplitTraining"
+SESSION_METHOD = f"/{SERVICE}/Session"  # the bidirectional session stream
+HEALTH_METHOD = f"/{SERVICE}/Health"
+
+WIRE_CODECS = ("float32", "bfloat16", "float16", "int8")  # what --wire, --wire-up, --wire-down accept
+DEFAULT_BLOCK_SIZE = 4096  # int8: elements per absmax scale (--int8-block-size)
+MAX_BLOCK_SIZE = 1 << 24  # the largest int8 block a receiver accepts
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """gRPC message limits, set explicitly on both ends (gRPC's default receive limit is 4 MB)."""
+    limit = max_message_mb * 1024 * 1024
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
