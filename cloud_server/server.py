@@ -14,8 +14,9 @@ from concurrent import futures
 import grpc
 
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
-from cloud_server.session import EdgeLink, SessionSpec, compute_pool, open_spec, run_session
+from cloud_server.session import SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
+from cloud_server.stream import EdgeStream
 from common.config import ServeConfig
 from common.errors import ConfigError, DloraError, SessionError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
@@ -46,9 +47,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         )
 
     def Session(self, request_iterator: Iterator[Frame], context: grpc.ServicerContext) -> Iterator[Frame]:
-        link = EdgeLink(request_iterator, self.config.step_timeout_s)
+        stream = EdgeStream(request_iterator, self.config.step_timeout_s)
         try:
-            first = link.recv()
+            first = stream.recv()
             if first is None or first.kind != "hello":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
             hello = first.msg.hello
@@ -62,12 +63,12 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             self._open.add(session_id)
         log.info("session %s opened by %s targets=%s wire=%s/%s", session_id, hello.client_name or "?",
                  ",".join(hello.targets), spec.codec_up, spec.codec_down)
-        link.send(pb.CloudMessage(welcome=pb.Welcome(
+        stream.send(pb.CloudMessage(welcome=pb.Welcome(
             session_id=session_id, protocol=PROTOCOL, num_layers=self.stack.num_layers,
             model_type=self.stack.config.model_type, server_version=VERSION)))
-        worker = threading.Thread(target=self._serve, args=(link, spec, context), daemon=True, name=f"session-{session_id}")
+        worker = threading.Thread(target=self._serve, args=(stream, spec, context), daemon=True, name=f"session-{session_id}")
         worker.start()
-        yield from link.responses()
+        yield from stream.responses()
 
     def _register(self, spec: SessionSpec, targets: list[str], resume: bool) -> None:
         """Create the session's Redis record, or check that a resumed session matches it.
@@ -86,9 +87,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             raise SessionError(f"session {spec.session_id} was opened with other targets, codecs or "
                                "Kill-and-Revive settings; resume it with the same flags or start a new session")
 
-    def _serve(self, link: EdgeLink, spec, context: grpc.ServicerContext) -> None:  # type: ignore[no-untyped-def]
+    def _serve(self, stream: EdgeStream, spec: SessionSpec, context: grpc.ServicerContext) -> None:
         try:
-            run_session(link, self.stack, spec, self.config.max_tokens, self.kr, self.pool)
+            run_session(stream, self.stack, spec, self.config.max_tokens, self.kr, self.pool)
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))
@@ -101,7 +102,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             with self._lock:
                 self._open.discard(spec.session_id)
             log.info("session %s closed", spec.session_id)
-            link.close()
+            stream.close()
 
 
 def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:

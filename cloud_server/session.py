@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ import torch
 
 from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack, active_step
+from cloud_server.stream import EdgeStream
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
@@ -31,7 +32,6 @@ from common.wire.protocol import DEFAULT_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
 
 log = logging.getLogger(__name__)
 
-_END = object()  # end-of-stream marker on the queues
 MAX_MICRO_BATCHES_IN_FLIGHT = 8  # per session, before further micro-batches queue for a compute thread
 
 
@@ -51,47 +51,6 @@ class SessionSpec:
         """What must match when an edge resumes this session (stored in Redis)."""
         return {"fingerprint": fingerprint, "targets": list(targets), "codec_up": self.codec_up,
                 "codec_down": self.codec_down, "kr": self.kr.__dict__}
-
-
-class EdgeLink:
-    """The cloud's end of one stream: a reader thread fills `inbox`, `outbox` feeds the response."""
-
-    def __init__(self, requests: Iterator[Frame], reply_timeout_s: float) -> None:
-        self.inbox: queue.Queue[object] = queue.Queue()
-        self.outbox: queue.Queue[object] = queue.Queue()
-        self.reply_timeout_s = reply_timeout_s
-        self._reader = threading.Thread(target=self._read, args=(requests,), daemon=True)
-        self._reader.start()
-
-    def _read(self, requests: Iterator[Frame]) -> None:
-        try:
-            for msg in requests:
-                self.inbox.put(msg)
-        except Exception as e:  # noqa: BLE001 - a cancelled stream raises grpc.RpcError here
-            log.debug("request stream ended: %s", e)
-        self.inbox.put(_END)
-
-    def send(self, msg: pb.CloudMessage | Frame) -> None:
-        self.outbox.put(msg if isinstance(msg, Frame) else Frame(msg))
-
-    def close(self) -> None:
-        self.outbox.put(_END)
-
-    def responses(self) -> Iterator[Frame]:
-        while (msg := self.outbox.get()) is not _END:
-            yield msg  # type: ignore[misc]
-
-    def recv(self) -> Frame | None:
-        """The next edge message, None at end of stream.
-
-        Raises:
-            SessionError: the edge sent nothing for reply_timeout_s.
-        """
-        try:
-            msg = self.inbox.get(timeout=self.reply_timeout_s)
-        except queue.Empty:
-            raise SessionError(f"the edge sent nothing for {self.reply_timeout_s:.0f}s; closing the session") from None
-        return None if msg is _END else msg  # type: ignore[return-value]
 
 
 class _StreamClosed(Exception):
@@ -115,7 +74,7 @@ class StepRun:
     """One micro-batch: routes slot calls to the edge and checks every reply."""
 
     def __init__(
-        self, spec: SessionSpec, link: EdgeLink, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int],
+        self, spec: SessionSpec, link: EdgeStream, stack: DecoderStack, begin: pb.StepBegin, shape: tuple[int, int],
         inbox: queue.Queue[Frame | None],
     ) -> None:
         self.spec, self.link, self.stack, self.inbox = spec, link, stack, inbox
@@ -292,7 +251,7 @@ class _MicroBatch:
     """One micro-batch, run as a task on the server's compute pool; the session loop feeds it the
     edge's replies through `inbox`."""
 
-    def __init__(self, link: EdgeLink, stack: DecoderStack, spec: SessionSpec, frame: Frame, max_tokens: int,
+    def __init__(self, link: EdgeStream, stack: DecoderStack, spec: SessionSpec, frame: Frame, max_tokens: int,
                  on_exit: Callable[[_MicroBatch], None]) -> None:
         self.link, self.stack, self.spec, self.frame, self.max_tokens = link, stack, spec, frame, max_tokens
         self.begin: pb.StepBegin = frame.body
@@ -331,7 +290,7 @@ def compute_pool(max_sessions: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max_sessions * MAX_MICRO_BATCHES_IN_FLIGHT, thread_name_prefix="dlora-step")
 
 
-def run_session(link: EdgeLink, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue,
+def run_session(link: EdgeStream, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue,
                 pool: ThreadPoolExecutor) -> None:
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
