@@ -18,8 +18,9 @@ from pathlib import Path
 from common.config import TrainConfig
 from common.wire.cost import step_cost
 from edge_client.app.cli import default_cache
-from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
-from edge_client.remote.link import CloudLink
+from edge_client.app.evaluate import evaluate, load_items
+from edge_client.remote.link import CloudLink, LinkConfig
+from edge_client.remote.remote_step import RemoteStack
 from edge_client.tools.cloud_process import CloudProcess
 from edge_client.tools.demo import MODEL, TARGETS
 from edge_client.tools.model_prep import prepare_model
@@ -102,9 +103,9 @@ def main() -> None:
                 adapter = LoraAdapter(edge, cfg.rank, cfg.alpha, 0.0)
                 adapter.load(out)
                 adapter.eval()
-                link = CloudLink(cloud.address, edge)
+                link = CloudLink(LinkConfig(address=cloud.address, codec_up="float32", codec_down="float32"), edge)
                 link.open()
-                acc = evaluate(edge, split_hidden_fn(link, adapter), items, progress=False).accuracy
+                acc = evaluate(edge, RemoteStack(link, adapter), items, progress=False).accuracy
                 link.close()
                 row = {"budget": budget, "mode": mode, "accuracy": acc, "epoch_losses": result.epoch_losses,
                        "bytes_per_epoch": bytes_per_epoch(out, edge, cfg.kill_mode), "seconds": time.perf_counter() - t0,

@@ -216,8 +216,9 @@ def _train(args: argparse.Namespace, split: bool) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
-    from edge_client.remote.link import CloudLink
+    from edge_client.app.evaluate import evaluate, load_items
+    from edge_client.remote.link import CloudLink, LinkConfig
+    from edge_client.remote.remote_step import RemoteStack
     from edge_client.tools.tasks import TASK_NAMES, prepare_task
     from edge_client.train.lora import LoraAdapter, read_adapter_config
     from edge_client.train.model_parts import EdgeModel
@@ -239,13 +240,15 @@ def _eval(args: argparse.Namespace) -> int:
         adapter.eval()
     else:
         edge = EdgeModel(args.model)
-    link = CloudLink(args.cloud, edge, args.wire_up or args.wire, wire_down=args.wire_down or args.wire,
-                     block_size=check_int8_block_size(args.int8_block_size))
+    link = CloudLink(LinkConfig(address=args.cloud, codec_up=args.wire_up or args.wire,
+                                codec_down=args.wire_down or args.wire,
+                                int8_block_size=check_int8_block_size(args.int8_block_size)), edge)
     link.open()
     results = {}
     try:
         for name, items in sets.items():
-            res = evaluate(edge, split_hidden_fn(link, adapter), items, args.max_length, progress=not args.no_progress)
+            res = evaluate(edge, RemoteStack(link, adapter), items, max_length=args.max_length,
+                           progress=not args.no_progress)
             results[name] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
                              "predictions": res.predictions}
     finally:

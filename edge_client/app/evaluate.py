@@ -8,7 +8,6 @@ the cloud in one batched forward; only the hidden rows that predict choice token
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +16,11 @@ from tqdm import tqdm
 
 from common.errors import ConfigError
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from edge_client.remote.link import CloudLink
+from edge_client.remote.remote_step import RemoteStack
 from edge_client.train.data import read_jsonl
-from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
 log = logging.getLogger(__name__)
-
-# (input_ids (B, T), attention_mask (B, T)) -> final hidden states (B, T, E_out)
-HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,25 +56,14 @@ def load_items(path: Path, limit: int | None = None) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def split_hidden_fn(link: CloudLink, adapter: LoraAdapter | None) -> HiddenFn:
-    """A HiddenFn that runs the frozen stack on the cloud, with the adapter's deltas if given."""
-    role = pb.FORWARD if adapter is not None else pb.ABSENT
-    counter = iter(range(1 << 62))
-
-    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        box: list[torch.Tensor] = []
-        with torch.no_grad():
-            emb = link.edge.embed(ids)
-        link.run_step(next(counter), 0, emb, mask, [role] * link.num_layers, False, adapter,
-                      lambda h: box.append(h) or None)  # type: ignore[func-returns-value]
-        return box[0]
-
-    return run
-
-
-def evaluate(edge: EdgeModel, hidden_fn: HiddenFn, items: list[Item], max_length: int = 256,
+def evaluate(edge: EdgeModel, stack: RemoteStack, items: list[Item], *, max_length: int = 256,
              items_per_batch: int = 8, progress: bool = True) -> EvalResult:
-    """Accuracy of the model behind hidden_fn on items."""
+    """Accuracy on items of the base model behind `stack`, with its LoRA adapter if it has one.
+
+    Raises:
+        RemoteError, ProtocolError: the cloud failed or sent something unexpected.
+    """
+    roles = [pb.FORWARD if stack.lora is not None else pb.ABSENT] * edge.num_layers
     tok = edge.tokenizer
     pad = tok.pad_token_id
     max_length = edge.cap_length(max_length)
@@ -98,7 +82,8 @@ def evaluate(edge: EdgeModel, hidden_fn: HiddenFn, items: list[Item], max_length
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, (s, _) in enumerate(seqs):
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-        hidden = hidden_fn(ids, mask)  # (B, T, E_out)
+        with torch.no_grad():
+            hidden = stack.forward(edge.embed(ids), mask, roles)  # (B, T, E_out)
         scores = []
         with torch.no_grad():
             for i, (s, n_choice) in enumerate(seqs):

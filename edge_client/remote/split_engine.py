@@ -3,6 +3,7 @@ blocks on dlora-cloud over one gRPC session. Same interface as train.engines.Loc
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 
 from common.config import KillMode, TrainConfig
 from common.scheduler import Decision
-from edge_client.remote.link import CloudLink, MicroBatch, Traffic
+from edge_client.remote.link import CloudLink, LinkConfig
+from edge_client.remote.remote_step import MicroBatch, RemoteStep
 from edge_client.train.data import Batch, lm_loss
+from edge_client.train.engines import Traffic
 from edge_client.train.kill_revive import kr_config
 from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
@@ -21,16 +24,16 @@ class SplitEngine:
     """Edge half of split training; `roles` says per layer what this step does with its LoRA group."""
 
     def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
-        if cfg.cloud is None:
-            raise ValueError("SplitEngine needs cfg.cloud")
         self.edge = edge or EdgeModel(cfg.model, cfg.targets, cfg.device)
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        self.link = CloudLink(cfg.cloud, self.edge, cfg.codec_up, cfg.connect_timeout_s, cfg.reply_timeout_s,
-                              cfg.max_message_mb, kr_config(cfg, self.num_layers), cfg.codec_down, cfg.int8_block_size)
+        self.link = CloudLink(LinkConfig.from_train(cfg), self.edge, kr_config(cfg, self.num_layers))
         self.link.open()
         self.micro_batches = cfg.micro_batches
+        # computes micro-batches' heads while the step's thread answers the others' layer calls (M > 1);
+        # one long-lived thread: a fresh thread per step would start a new OpenMP team each time
+        self._heads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlora-head")
 
     @property
     def session_id(self) -> str:
@@ -67,33 +70,38 @@ class SplitEngine:
         return self.link.report_epoch(epoch, deltas)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
-        """One optimizer step's loss and gradients, as `micro_batches` overlapped micro-batches."""
+        """One optimizer step's loss and LoRA gradients, as `micro_batches` overlapped micro-batches.
+
+        Raises:
+            RemoteError, ProtocolError: as RemoteStep.run.
+        """
         n_tokens = batch.label_tokens  # the whole batch's: micro-batch losses add up to its mean
-        losses: list[float] = []
-        parts = []
+        parts: list[MicroBatch] = []
+        labels: list[torch.Tensor] = []
         dev = self.edge.device
-        for ids, mask, labels in zip(*(t.to(dev).tensor_split(self.micro_batches) for t in
-                                       (batch.input_ids, batch.attention_mask, batch.labels))):
+        for ids, mask, lab in zip(*(t.to(dev).tensor_split(self.micro_batches) for t in
+                                    (batch.input_ids, batch.attention_mask, batch.labels))):
             if ids.shape[0] == 0:
                 continue
             width = int(mask.sum(dim=1).max())  # drop the padding columns this micro-batch does not need
-            ids, mask, labels = ids[:, :width], mask[:, :width].cpu(), labels[:, :width]
-
-            def on_hidden(h: torch.Tensor, labels: torch.Tensor = labels) -> torch.Tensor:
-                h = h.detach().requires_grad_(True)  # (b, t, E_out)
-                loss = lm_loss(self.edge.logits(h), labels, n_tokens)
-                loss.backward()
-                losses.append(float(loss.detach()))
-                return h.grad  # type: ignore[return-value]
-
             with torch.no_grad():
-                parts.append(MicroBatch(self.edge.embed(ids), mask, on_hidden))  # (b, t, E)
-        traffic = self.link.run_micro_batches(step, parts, roles, True, self.adapter)
-        return sum(losses), traffic
+                parts.append(MicroBatch(self.edge.embed(ids[:, :width]), mask[:, :width].cpu()))  # (b, t, E)
+            labels.append(lab[:, :width])
+        losses: dict[int, float] = {}
+
+        def head(mb: int, h: torch.Tensor) -> torch.Tensor:
+            h = h.detach().requires_grad_(True)  # (b, t, E_out)
+            loss = lm_loss(self.edge.logits(h), labels[mb], n_tokens)
+            loss.backward()
+            losses[mb] = float(loss.detach())
+            return h.grad  # type: ignore[return-value]
+
+        traffic = RemoteStep(self.link, self.adapter, step=step, roles=roles, train=True, head=head,
+                             heads=self._heads).run(parts)
+        return sum(losses[mb] for mb in sorted(losses)), traffic
 
     def recover(self) -> None:
         """Reconnect after a broken stream, resuming the same cloud session id."""
-        self.adapter.discard_pending()
         self.link.open()
 
     def save(self, out_dir: Path) -> None:
@@ -101,3 +109,4 @@ class SplitEngine:
 
     def close(self) -> None:
         self.link.close()
+        self._heads.shutdown(wait=True)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from common.config import TrainConfig
-from edge_client.app.evaluate import evaluate, load_items, split_hidden_fn
+from edge_client.app.evaluate import evaluate, load_items
+from edge_client.remote.remote_step import RemoteStack
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.tools.cloud_process import CloudProcess
 from edge_client.tools.model_prep import prepare_model
@@ -43,7 +44,7 @@ def run_demo(args: argparse.Namespace, cache: Path) -> int:
                           epochs=args.epochs, lr=args.lr, targets=TARGETS, batch_size=16, seed=0)
         print(f"[3/5] accuracy before fine-tuning on {len(items)} test items", flush=True)
         engine = SplitEngine(cfg, edge)
-        before = evaluate(edge, split_hidden_fn(engine.link, None), items)
+        before = evaluate(edge, RemoteStack(engine.link), items)
         print(f"      before: {before.accuracy:.3f}", flush=True)
         print(f"[4/5] fine-tuning through the cloud: {args.epochs} epochs, lr {args.lr}, LoRA r=8 on q,k,v", flush=True)
         result = train(cfg, engine)
@@ -52,7 +53,7 @@ def run_demo(args: argparse.Namespace, cache: Path) -> int:
         print("[5/5] accuracy after fine-tuning", flush=True)
         adapter: LoraAdapter = engine.adapter
         adapter.eval()
-        after = evaluate(edge, split_hidden_fn(engine.link, adapter), items)
+        after = evaluate(edge, RemoteStack(engine.link, adapter), items)
         engine.close()
     finally:
         cloud.stop()

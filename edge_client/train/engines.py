@@ -25,7 +25,7 @@ from common.config import TORCH_DTYPES, KillMode, TrainConfig
 from common.scheduler import Decision, KRState
 from edge_client.train.data import Batch, lm_loss
 from edge_client.train.kill_revive import LocalScheduler, kr_config
-from edge_client.train.lora import LoraAdapter, lora_config
+from edge_client.train.lora import LoraAdapter, live_key, lora_config
 from edge_client.train.model_parts import EdgeModel
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class LocalEngine:
         with torch.no_grad():
             for key, value in init.named_lora_parameters():
                 value = value.to(cfg.device)
-                name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+                name = live_key(key)
                 own[name].copy_(value)
                 self._params.append(own[name])
         self.model.eval()  # frozen base without its dropout, as on the cloud

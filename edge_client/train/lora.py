@@ -29,6 +29,17 @@ def peft_key(target: Target, which: str) -> str:
     return f"base_model.model.{target.name}.{which}.weight"
 
 
+def live_key(saved_key: str, adapter_name: str = "default") -> str:
+    """A saved adapter's key as a live PeftModel names the parameter (PEFT inserts the adapter name)."""
+    return saved_key.replace(".lora_A.weight", f".lora_A.{adapter_name}.weight").replace(
+        ".lora_B.weight", f".lora_B.{adapter_name}.weight")
+
+
+def saved_key(live: str, adapter_name: str = "default") -> str:
+    """The inverse of live_key: a live PeftModel parameter name as a saved adapter stores it."""
+    return live.replace(f".lora_A.{adapter_name}.", ".lora_A.").replace(f".lora_B.{adapter_name}.", ".lora_B.")
+
+
 class LoraPair(nn.Module):
     """A and B of one target module."""
 
@@ -59,43 +70,18 @@ class LoraAdapter(nn.Module):
                 nn.init.kaiming_uniform_(pair.A, a=math.sqrt(5), generator=gen)
         self.to(edge.device)  # drawn on the CPU generator first, so every device starts from the same weights
         self.train()
-        self._saved: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # -- the two halves of a remote LoRA call
-    def forward_group(self, mb: int, layer: int, group: int, x: torch.Tensor, need_grad: bool) -> torch.Tensor:
-        """Deltas of all targets of a layer group for input x (B, T, H) -> (B, T, O), concatenated.
+    def delta(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
+        """s * B(A(dropout(x))) of every target of a layer group, concatenated: (B, T, H) -> (B, T, O).
 
-        With need_grad, keeps what backward_group needs (x and the graph of the delta).
+        Autograd records the graph when grad mode is on (the caller keeps it for the backward);
+        dropout draws from torch's global generator, target by target in forward order, as PEFT does.
         """
-        idx = self.by_group[(layer, group)]
-        if need_grad:
-            x = x.detach().requires_grad_(True)
-        with torch.set_grad_enabled(need_grad):
-            parts = []
-            for i in idx:
-                p = self.pairs[i]
-                parts.append(F.linear(F.linear(p.dropout(x), p.A), p.B) * self.scaling)
-            delta = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        if need_grad:
-            self._saved[(mb, layer, group)] = (x, delta)
-        return delta.detach()
-
-    def backward_group(self, mb: int, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
-        """Accumulate dA, dB of the group's trainable targets from dL/d(delta); return dL/dx (B, T, H).
-
-        Raises:
-            KeyError: no forward of this group is waiting for its backward.
-        """
-        x, delta = self._saved.pop((mb, layer, group))
-        torch.autograd.backward(delta, grad)
-        return x.grad if x.grad is not None else torch.zeros_like(x)
-
-    def has_pending(self, mb: int, layer: int, group: int) -> bool:
-        return (mb, layer, group) in self._saved
-
-    def discard_pending(self) -> None:
-        """Forget saved forwards (after a finished or abandoned step)."""
-        self._saved.clear()
+        parts = []
+        for i in self.by_group[(layer, group)]:
+            p = self.pairs[i]
+            parts.append(F.linear(F.linear(p.dropout(x), p.A), p.B) * self.scaling)  # (B, T, out_i)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def group_width(self, layer: int, group: int) -> int:
         return sum(self.targets[i].out_features for i in self.by_group[(layer, group)])
@@ -134,7 +120,7 @@ class LoraAdapter(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise ConfigError(f"--adapter {adapter_dir}: need {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} there")
         state = load_file(str(w_path))
-        state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in state.items()}
+        state = {saved_key(k): v for k, v in state.items()}
         with torch.no_grad():
             for key, param in self.named_lora_parameters():
                 if key not in state:

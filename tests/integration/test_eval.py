@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from edge_client.app.cli import main as dlora
-from edge_client.app.evaluate import Item, evaluate, split_hidden_fn
-from edge_client.remote.link import CloudLink
+from edge_client.app.evaluate import Item, evaluate
+from edge_client.remote.link import CloudLink, LinkConfig
+from edge_client.remote.remote_step import RemoteStack
 from edge_client.train.model_parts import EdgeModel
 
 ITEMS = [Item("Q: 2+2=", [" 4", " 5", " twenty-two"], 0), Item("The sky is", [" blue", " green"], 1),
@@ -36,9 +37,9 @@ def _full_model_predictions(model_dir, items):
 def test_split_scores_equal_full_model(tiny_dir, cloud):
     model_dir = tiny_dir("gpt2")
     edge = EdgeModel(model_dir)
-    link = CloudLink(cloud(model_dir), edge)
+    link = CloudLink(LinkConfig(address=cloud(model_dir), codec_up="float32", codec_down="float32"), edge)
     link.open()
-    res = evaluate(edge, split_hidden_fn(link, None), ITEMS, progress=False, items_per_batch=2)
+    res = evaluate(edge, RemoteStack(link), ITEMS, progress=False, items_per_batch=2)
     link.close()
     assert res.predictions == _full_model_predictions(model_dir, ITEMS)
     assert res.total == 3 and res.accuracy == sum(p == i.answer for p, i in zip(res.predictions, ITEMS)) / 3

@@ -51,7 +51,7 @@ def test_micro_batches_equal_one_batch(family, m, mode, tiny_dir, cloud, data_fi
 
 def test_a_failing_head_fails_the_step_not_hangs(tiny_dir, cloud, data_file, tmp_path):
     """With M > 1 the heads compute in their own thread; an error there is the step's error."""
-    from edge_client.remote.link import MicroBatch
+    from edge_client.remote.remote_step import MicroBatch, RemoteStep
 
     model_dir = tiny_dir("llama", layers=2)
     cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), micro_batches=2,
@@ -61,10 +61,11 @@ def test_a_failing_head_fails_the_step_not_hangs(tiny_dir, cloud, data_file, tmp
     with torch.no_grad():
         emb = engine.edge.embed(ids)
 
-    def head(h: torch.Tensor) -> torch.Tensor:
+    def head(mb: int, h: torch.Tensor) -> torch.Tensor:
         raise ValueError("head broke")
 
-    parts = [MicroBatch(emb[i : i + 1], torch.ones(1, 8, dtype=torch.long), head) for i in range(2)]
+    parts = [MicroBatch(emb[i : i + 1], torch.ones(1, 8, dtype=torch.long)) for i in range(2)]
     with pytest.raises(ValueError, match="head broke"):
-        engine.link.run_micro_batches(0, parts, layer_roles({0, 1}, 2, "detached"), True, engine.adapter)
+        RemoteStep(engine.link, engine.adapter, step=0, roles=layer_roles({0, 1}, 2, "detached"), train=True, head=head,
+                   heads=engine._heads).run(parts)
     engine.close()

@@ -127,16 +127,18 @@ def test_bad_tensors_abandon_the_step_not_the_session(tiny_dir, cloud):
 @pytest.mark.parametrize("edge_mb,cloud_mb,side", [(4, 512, "Sent"), (512, 4, "Received")])
 def test_a_message_over_the_size_limit_says_which_flag_to_raise(edge_mb, cloud_mb, side, tiny_dir, cloud):
     from common.errors import RemoteError
-    from edge_client.remote.link import CloudLink
+    from edge_client.remote.link import CloudLink, LinkConfig
+    from edge_client.remote.remote_step import RemoteStack
     from edge_client.train.model_parts import EdgeModel
 
     model_dir = tiny_dir("llama")
     edge = EdgeModel(model_dir, ("q_proj", "v_proj"))
-    link = CloudLink(cloud(model_dir, max_message_mb=cloud_mb), edge, max_message_mb=edge_mb)
+    link = CloudLink(LinkConfig(address=cloud(model_dir, max_message_mb=cloud_mb), codec_up="float32",
+                                codec_down="float32", max_message_mb=edge_mb), edge)
     link.open()
     big = torch.randn(300, 128, H)  # 4.9 MB of float32 embeddings
     with pytest.raises(RemoteError, match=f"{side} message larger than max.*raise --max-message-mb") as e:
-        link.run_step(0, 0, big, torch.ones(300, 128), [pb.ABSENT] * L, False, None, lambda h: None)
+        RemoteStack(link).forward(big, torch.ones(300, 128), [pb.ABSENT] * L)
     assert e.value.code == "RESOURCE_EXHAUSTED"
     link.close()
 

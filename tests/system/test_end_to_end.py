@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from edge_client.remote.link import CloudLink
+from edge_client.remote.link import CloudLink, LinkConfig
+from edge_client.remote.remote_step import RemoteStack
 from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
@@ -84,13 +85,12 @@ def test_exported_adapter_gives_split_logits(tiny_dir, cloud, data_file, tmp_pat
     ids = torch.randint(0, 256, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    link = CloudLink(address, edge)
+    link = CloudLink(LinkConfig(address=address, codec_up="float32", codec_down="float32"), edge)
     link.open()
-    box = []
-    link.run_step(0, 0, edge.embed(ids), mask, [pb.FORWARD] * edge.num_layers, False, adapter,
-                  lambda h: box.append(h))
+    with torch.no_grad():
+        hidden = RemoteStack(link, adapter).forward(edge.embed(ids), mask, [pb.FORWARD] * edge.num_layers)
     link.close()
-    split_logits = edge.logits(box[0])
+    split_logits = edge.logits(hidden)
     full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "adapter"))
     full.eval()
     with torch.no_grad():

@@ -1,0 +1,202 @@
+"""One step on the device, the mirror of the cloud's StepRun (cloud_server/step.py).
+
+The cloud drives the order inside a micro-batch: its forward and backward decide which layer calls
+come when. `RemoteStep` sends every micro-batch's StepBegin, then answers each call as it arrives:
+- LoraForward{x}: the group's LoRA delta s·B(A·drop(x)), keeping x and the delta's graph when the
+  layer takes part in backward (the step's pending LoRA state, owned here and nowhere else);
+- Hidden{h}: the head's callback computes the loss locally and returns dL/dh (HiddenGrad);
+- LoraBackward{dL/d(delta)}: backward through the kept graph, which accumulates dA and dB in the
+  LoRA parameters' .grad, and answers dL/dx (LoraGrad);
+- StepDone: that micro-batch is finished.
+The link (link.py) only moves and counts the messages.
+
+`RemoteStack.forward(embeddings, mask, roles) -> hidden` is the same exchange without training: the
+frozen stack on the cloud as a plain function, for evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import ProtocolError, RemoteError
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire import codecs
+from common.wire.frames import Frame
+from edge_client.remote.link import CloudLink
+from edge_client.train.engines import Traffic
+from edge_client.train.lora import LoraAdapter
+
+log = logging.getLogger(__name__)
+
+# (micro-batch index in the step, final hidden states (b, t, E_out)) -> dL/dh when training, else None
+HeadFn = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a step, as it goes up in its StepBegin."""
+
+    embeddings: torch.Tensor  # (b, t, E)
+    attention_mask: torch.Tensor  # (b, t)
+
+
+class RemoteStep:
+    """The device's half of one step: its micro-batches, their pending LoRA state, and the answers.
+
+    With several micro-batches and a `heads` executor, a micro-batch's head and loss run there while
+    this thread answers the other micro-batches' layer calls: its backward then starts while they
+    finish their forward (on a slow link, its gradients go down while their deltas go up).
+    """
+
+    def __init__(self, link: CloudLink, lora: LoraAdapter | None, *, step: int, roles: list[int], train: bool,
+                 head: HeadFn, heads: Executor | None = None) -> None:
+        self.link, self.lora, self.step, self.roles, self.train = link, lora, step, roles, train
+        self.head, self.heads = head, heads
+        self.traffic = Traffic()
+        self._shapes: dict[int, tuple[int, int]] = {}  # micro-batch -> (b, t)
+        # (micro-batch, layer, group) -> (x, delta) kept for the backward: the LoRA graph of the step
+        self._saved: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run(self, parts: list[MicroBatch]) -> Traffic:
+        """Send every micro-batch, answer the cloud until each is done; the step's traffic.
+
+        All StepBegins go out first, so the cloud computes one micro-batch while this side answers
+        another's calls. LoRA gradients of all micro-batches accumulate in the parameters' .grad.
+
+        Raises:
+            RemoteError: the cloud rejected the step or the stream broke (the stream is then spent).
+            ProtocolError: the cloud sent a message this step does not expect.
+        """
+        link = self.link
+        up0, down0 = link.bytes_totals()
+        for mb, part in enumerate(parts):
+            self._shapes[mb] = tuple(part.attention_mask.shape)  # type: ignore[assignment]
+            msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=self.step, micro_batch=mb, train=self.train,
+                                                         layer_roles=self.roles))
+            begin = msg.step_begin
+            link.send(Frame(msg, {
+                "embeddings": link.encode_into(begin.embeddings, part.embeddings),
+                "attention_mask": codecs.encode_into(begin.attention_mask, part.attention_mask, "uint8"),  # 0/1
+            }), self.traffic)
+        pending = set(self._shapes)
+        try:
+            while pending:
+                frame = link.recv(self.traffic)
+                kind, body = frame.kind, frame.body
+                if kind == "step_error":
+                    link.close()  # other micro-batches may still be in flight: this stream is spent
+                    raise RemoteError(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
+                mb = getattr(body, "micro_batch", -1)
+                if getattr(body, "step", -1) != self.step or mb not in pending:
+                    raise ProtocolError(f"cloud sent {kind} for step {getattr(body, 'step', '?')}/{mb} "
+                                        f"during step {self.step}")
+                if kind == "lora_forward":
+                    self._on_lora_forward(frame)
+                elif kind == "hidden":
+                    self._on_hidden(frame, in_background=len(parts) > 1)
+                elif kind == "lora_backward":
+                    self._on_lora_backward(frame)
+                elif kind == "step_done":
+                    pending.discard(mb)
+                else:
+                    raise ProtocolError(f"cloud sent {kind} in the middle of step {self.step}")
+            # every message of the step was serialized before the cloud could answer the last one
+            up, down = link.bytes_totals()
+            self.traffic.bytes_up, self.traffic.bytes_down = up - up0, down - down0
+            return self.traffic
+        finally:
+            self._saved.clear()
+
+    # -- answers
+    def _on_lora_forward(self, frame: Frame) -> None:
+        body: pb.LoraForward = frame.body
+        mb, layer, group = body.micro_batch, body.layer, body.group
+        lora = self.lora
+        if lora is None or layer >= len(self.roles) or self.roles[layer] == pb.ABSENT or (layer, group) not in lora.by_group:
+            raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
+        b, t = self._shapes[mb]
+        x = self.link.decode(frame, "x", f"LoraForward layer {layer}", (b, t, lora.group_in_width(layer, group)))
+        if self.train and self.roles[layer] == pb.FORWARD_BACKWARD:
+            x = x.detach().requires_grad_(True)  # (b, t, H): its .grad is dL/dx after the backward
+            with torch.enable_grad():
+                delta = lora.delta(layer, group, x)  # (b, t, O)
+            self._saved[(mb, layer, group)] = (x, delta)
+        else:
+            with torch.no_grad():
+                delta = lora.delta(layer, group, x)
+        msg = pb.EdgeMessage(lora_delta=pb.LoraDelta(step=self.step, micro_batch=mb, layer=layer, group=group))
+        self.link.send(Frame(msg, {"delta": self.link.encode_into(msg.lora_delta.delta, delta.detach())}), self.traffic)
+
+    def _on_lora_backward(self, frame: Frame) -> None:
+        body: pb.LoraBackward = frame.body
+        mb, layer, group = body.micro_batch, body.layer, body.group
+        saved = self._saved.pop((mb, layer, group), None)
+        if saved is None or self.lora is None:
+            raise ProtocolError(f"cloud asked for the backward of layer {layer} group {group}, which has no forward")
+        x, delta = saved
+        b, t = self._shapes[mb]
+        grad = self.link.decode(frame, "grad_output", f"LoraBackward layer {layer}",
+                                (b, t, self.lora.group_width(layer, group)))  # (b, t, O)
+        torch.autograd.backward(delta, grad)  # dA, dB of the group's trainable targets accumulate
+        dx = x.grad if x.grad is not None else torch.zeros_like(x)  # (b, t, H)
+        msg = pb.EdgeMessage(lora_grad=pb.LoraGrad(step=self.step, micro_batch=mb, layer=layer, group=group))
+        self.link.send(Frame(msg, {"grad_input": self.link.encode_into(msg.lora_grad.grad_input, dx)}), self.traffic)
+
+    def _on_hidden(self, frame: Frame, in_background: bool) -> None:
+        mb = frame.body.micro_batch
+        b, t = self._shapes[mb]
+        h = self.link.decode(frame, "hidden", "Hidden", (b, t, self.link.edge.head_width))  # (b, t, E_out)
+        if in_background and self.heads is not None:
+            self.heads.submit(self._answer_hidden_or_fail, mb, h)
+        else:
+            self._answer_hidden(mb, h)
+
+    def _answer_hidden(self, mb: int, h: torch.Tensor) -> None:
+        grad = self.head(mb, h)
+        if not self.train:
+            return
+        if grad is None:
+            raise ValueError("the head must return dL/dh when training")
+        msg = pb.EdgeMessage(hidden_grad=pb.HiddenGrad(step=self.step, micro_batch=mb))
+        self.link.send(Frame(msg, {"grad": self.link.encode_into(msg.hidden_grad.grad, grad)}), self.traffic)
+
+    def _answer_hidden_or_fail(self, mb: int, h: torch.Tensor) -> None:
+        try:
+            self._answer_hidden(mb, h)
+        except Exception as e:  # noqa: BLE001 - raised again in run(), by the link's recv
+            self.link.fail(e)
+
+
+class RemoteStack:
+    """The cloud's frozen decoder stack as a plain function of this device's embeddings (no training).
+
+    Each call is one step of the session (its own step number), one micro-batch.
+    """
+
+    def __init__(self, link: CloudLink, lora: LoraAdapter | None = None) -> None:
+        self.link, self.lora = link, lora
+        self._steps = 0
+
+    def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, roles: list[int]) -> torch.Tensor:
+        """Final hidden states (after the final norm) for embeddings (B, T, E) -> (B, T, E_out).
+
+        `roles` says per layer whether the LoRA delta is applied (pb.FORWARD) or not (pb.ABSENT).
+
+        Raises:
+            RemoteError, ProtocolError: as RemoteStep.run.
+        """
+        out: dict[int, torch.Tensor] = {}
+
+        def keep(mb: int, h: torch.Tensor) -> None:
+            out[mb] = h
+
+        step = RemoteStep(self.link, self.lora, step=self._steps, roles=roles, train=False, head=keep)
+        self._steps += 1
+        with torch.no_grad():
+            step.run([MicroBatch(embeddings, attention_mask)])
+        return out[0]
