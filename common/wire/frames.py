@@ -37,9 +37,6 @@ class Frame(Generic[M]):
     def body(self):  # type: ignore[no-untyped-def]
         return getattr(self.msg, self.kind)
 
-    def payload_bytes(self) -> int:
-        return sum(len(p) for p in self.payloads.values())
-
 
 def _varint(n: int) -> bytes:
     out = bytearray()
