@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.errors import ConfigError
-from common.families import Family, family_of, resolve_targets, target_groups
+from common.families import Family, family_of, linear_shape, max_positions, resolve_targets, target_groups
 from common.model_files import find_tensor, fingerprint, load_config, read_tensors, tensor_index
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,6 @@ class Target:
     name: str  # full module name in the causal-LM model, as PEFT names it
     in_features: int
     out_features: int
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of nn.Linear or GPT-2's Conv1D (which stores its weight as (in, out))."""
-    w = module.weight
-    return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, nn.Linear) else (int(w.shape[0]), int(w.shape[1]))
 
 
 class EdgeModel:
@@ -73,7 +67,7 @@ class EdgeModel:
         for i, layer in enumerate(layers):
             for g, group in enumerate(self.groups):
                 for path in group:
-                    fin, fout = _linear_shape(layer.get_submodule(path))
+                    fin, fout = linear_shape(layer.get_submodule(path))
                     self.targets.append(Target(i, g, path, f"{layers_name}.{i}.{path}", fin, fout))
 
         emb, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
@@ -90,8 +84,7 @@ class EdgeModel:
         self.tied = self.head.weight is self.embedding.weight
         del skeleton, layers
         # learned or rotary positions cap the sequence length (None: no known cap)
-        self.max_positions: int | None = getattr(self.config, "max_position_embeddings", None) or getattr(
-            self.config, "n_positions", None)
+        self.max_positions: int | None = max_positions(self.config)
         self.embed_width = int(self.embedding.weight.shape[1])
         self.head_width = int(self.head.weight.shape[1])
 
