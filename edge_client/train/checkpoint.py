@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class TrainerState:
     scheduler: dict[str, Any]  # the LR schedule's state_dict
     kr_state: str | None = None  # LocalScheduler state (local-train); the cloud keeps its own
     session_id: str = ""  # the cloud session to resume (train)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -114,7 +113,9 @@ def load_latest(root: Path) -> Checkpoint | None:
     for folder in sorted(root.glob("epoch-*"), reverse=True):
         try:
             _verify(folder)
-            state = TrainerState(**json.loads((folder / "trainer.json").read_text()))
+            fields = json.loads((folder / "trainer.json").read_text())
+            fields.pop("extra", None)  # older checkpoints carry an always-empty "extra"
+            state = TrainerState(**fields)
             tensors = load_file(str(folder / "lora.safetensors"))
             opt = torch.load(folder / "optimizer.pt", weights_only=True)
         except (ConfigError, SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
