@@ -24,15 +24,14 @@ from transformers import AutoModel
 
 from common.config import TORCH_DTYPES
 from common.errors import ConfigError
-from common.families import Family, family_of
+from common.families import Family, family_of, linear_shape, max_positions
 from common.model_files import fingerprint, load_config, tensor_index
 
 log = logging.getLogger(__name__)
 
 
-
 class StepDeltas(Protocol):
-    """What a slot asks of the running step (implemented by cloud_server.session.StepRun)."""
+    """What a slot asks of the running step (implemented by cloud_server.step.StepRun)."""
 
     def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None: ...
 
@@ -57,11 +56,7 @@ class RemoteLoraSlot(nn.Module):
         super().__init__()
         self.base = base
         self.layer, self.group, self.path = layer, group, path
-        weight = base.weight
-        # Conv1D stores (in, out); nn.Linear stores (out, in).
-        self.in_features, self.out_features = (
-            (weight.shape[1], weight.shape[0]) if isinstance(base, nn.Linear) else (weight.shape[0], weight.shape[1])
-        )
+        self.in_features, self.out_features = linear_shape(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -97,9 +92,7 @@ class DecoderStack:
         self.num_layers = len(self.layers)
         self.slots = self._install_slots()
         self.embed_width = self._embed_width()
-        self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
-            self.config, "n_positions", None
-        )
+        self.max_positions = max_positions(self.config)  # None: no known cap on T
         log.info(
             "loaded %s (%d layers, %s, %s) fingerprint %s",
             self.config.model_type, self.num_layers, dtype, device, self.fingerprint,
