@@ -1,4 +1,17 @@
-"""The golden test: split training computes what PEFT computes (loss and every LoRA gradient), per family."""
+"""Split training equals local-train's engine (LocalEngine: plain PEFT on the whole model) over three
+optimizer steps, per family; test_golden_peft.py compares one step with PEFT itself, kill modes included.
+
+Why the tolerances hold on any CPU (Intel or AMD, with or without AVX-512, arm64): before the first
+optimizer step both sides compute the same float32 maths in another summation order, so the loss
+agrees to ~1e-7 relative (asserted: rel 1e-5) and each gradient to float32's precision on these
+sums, at most ~6e-6 of the tensor's largest element (asserted: rtol 1e-5 + atol 3e-5 x that element;
+the derivation is in test_golden_peft.py). The optimizer is SGD, whose update is linear in the
+gradient: after k steps the weights differ by at most lr x the sum of the k gradient differences
+(to first order: a later gradient taken at weights 1e-8 apart moves by that times the curvature),
+which is the weight tolerance asserted, plus 1e-6 relative for the update's own rounding. AdamW
+would not do: it divides by sqrt(v), so an element whose gradient is itself round-off (~1e-9) moves
+by +-lr depending on its sign, and two correct runs can end 2 x lr x steps apart there.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +51,10 @@ def _nonzero_init(engines: list, model_dir, cfg: TrainConfig) -> None:
         assert all(float(p.detach().abs().sum()) > 0 for p in engine.parameters())
 
 
+GRAD_RTOL, GRAD_ATOL = 1e-5, 3e-5  # atol x the tensor's largest element; see the module docstring
+LR = 0.1
+
+
 @pytest.mark.parametrize("family,targets", [(f, None) for f in FAMILIES] + [(f, t) for f, t in ALL_TARGETS.items()])
 def test_split_equals_peft(family, targets, tiny_dir, cloud, data_file, tmp_path):
     model_dir = tiny_dir(family)
@@ -46,7 +63,8 @@ def test_split_equals_peft(family, targets, tiny_dir, cloud, data_file, tmp_path
     split, local = SplitEngine(cfg), LocalEngine(cfg)
     _nonzero_init([split, local], model_dir, cfg)
     names = [k for k, _ in split.adapter.named_lora_parameters()]
-    opts = [torch.optim.AdamW(e.parameters(), lr=1e-2) for e in (split, local)]
+    opts = [torch.optim.SGD(e.parameters(), lr=LR) for e in (split, local)]
+    weight_slack = [torch.zeros_like(p) for p in local.parameters()]  # lr x the gradient tolerances so far
     examples = load_examples(data_file, split.tokenizer, 64)
     roles = [pb.FORWARD_BACKWARD] * split.num_layers
     for step in range(3):
@@ -56,14 +74,20 @@ def test_split_equals_peft(family, targets, tiny_dir, cloud, data_file, tmp_path
         loss_s, traffic = split.train_step(batch, step, roles)
         loss_l, _ = local.train_step(batch, step, roles)
         assert traffic.payload_up > 0 and traffic.payload_down > 0
-        assert loss_s == pytest.approx(loss_l, abs=1e-5)
-        for name, ps, pl in zip(names, split.parameters(), local.parameters()):
+        assert loss_s == pytest.approx(loss_l, rel=1e-5)
+        for name, ps, pl, slack in zip(names, split.parameters(), local.parameters(), weight_slack):
             assert ps.grad is not None and pl.grad is not None, name
-            torch.testing.assert_close(ps.grad, pl.grad, atol=1e-5, rtol=1e-4, msg=f"step {step} {name}")
+            assert bool(pl.grad.any()), f"step {step} {name}: a zero gradient proves nothing"
+            atol = GRAD_ATOL * float(pl.grad.abs().max())
+            torch.testing.assert_close(ps.grad, pl.grad, rtol=GRAD_RTOL, atol=atol,
+                                       msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
+            slack += LR * (GRAD_RTOL * pl.grad.abs() + atol)
         for opt in opts:
             opt.step()
-    for name, ps, pl in zip(names, split.parameters(), local.parameters()):
-        torch.testing.assert_close(ps, pl, atol=1e-5, rtol=1e-4, msg=name)
+    for name, ps, pl, slack in zip(names, split.parameters(), local.parameters(), weight_slack):
+        with torch.no_grad():
+            excess = (ps - pl).abs() - slack - 1e-6 * pl.abs()
+        assert float(excess.max()) <= 0, f"{name}: weights differ by {float(excess.max()):.3g} past lr x the grad tolerance"
     split.close()
 
 
