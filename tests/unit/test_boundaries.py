@@ -1,4 +1,5 @@
-"""House rules checked on the source: who may import whom, no pickle, no assert for validation."""
+"""House rules checked on the source: who may import whom (packages, and the layers inside edge_client), no
+pickle, no assert for validation, edge_client/ made of sub-packages only, no module over 400 lines."""
 
 from __future__ import annotations
 
@@ -130,3 +131,62 @@ def test_relative_imports_resolve_inside_their_package() -> None:
     assert "common.pb.dlora.v1.dlora_pb2" in imported_modules(
         "from . import dlora_pb2", "common.pb.dlora.v1", True
     )
+
+
+# sub-package -> modules of our own it must never import (the training core runs without the link,
+# the CLI or the tools; the link without the CLI or the tools)
+LAYERS = {
+    "edge_client.train": ("edge_client.app", "edge_client.tools", "edge_client.remote"),
+    "edge_client.remote": ("edge_client.app", "edge_client.tools"),
+}
+MAX_LINES = 400  # STYLE.md: a file owns one noun and stays roughly 100-400 lines
+
+
+def _violations(imported: set[str], forbidden: tuple[str, ...]) -> set[str]:
+    return {f for m in imported for f in forbidden if m == f or m.startswith(f + ".")}
+
+
+@pytest.mark.parametrize("subpackage", sorted(LAYERS))
+def test_edge_layers(subpackage: str) -> None:
+    folder = ROOT / subpackage.replace(".", "/")
+    sources = sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+    assert sources, f"no sources under {folder}"
+    bad = []
+    for path in sources:
+        imported = imported_modules(path.read_text(), _module_name(path), path.name == "__init__.py")
+        bad += [f"{path.relative_to(ROOT)} imports {m}" for m in sorted(_violations(imported, LAYERS[subpackage]))]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "source,module,expected",
+    [
+        ("from ..remote.link import CloudLink", "edge_client.train.engines", {"edge_client.remote"}),
+        ("from edge_client import app", "edge_client.train.trainer", {"edge_client.app"}),
+        ("from .. import tools", "edge_client.remote.link", {"edge_client.tools"}),
+        ("import edge_client.tools.bench", "edge_client.remote.link", {"edge_client.tools"}),
+        ("from edge_client.train.data import Batch", "edge_client.remote.link", set()),
+        ("from .lora import LoraAdapter", "edge_client.train.engines", set()),
+        ("import edge_client.remoteness", "edge_client.train.engines", set()),  # a prefix of a name is not the name
+    ],
+)
+def test_layer_walker(source: str, module: str, expected: set[str]) -> None:
+    forbidden = ("edge_client.app", "edge_client.tools", "edge_client.remote")
+    assert _violations(imported_modules(source, module), forbidden) == expected
+
+
+def test_edge_client_holds_only_subpackages() -> None:
+    """edge_client/ is train/ remote/ app/ tools/ and an __init__.py; a module lives in one of them."""
+    root = ROOT / "edge_client"
+    bad = [p.name for p in sorted(root.iterdir())
+           if (p.is_file() and p.suffix == ".py" and p.name != "__init__.py")
+           or (p.is_dir() and p.name != "__pycache__" and not (p / "__init__.py").is_file())]
+    assert not bad, f"edge_client/ holds {bad}; move each module into a sub-package"
+
+
+def test_no_module_over_400_lines() -> None:
+    """Our modules (generated protobuf code aside) stay within STYLE.md's size."""
+    generated = ROOT / "common" / "pb"
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _all_sources()
+            if not p.is_relative_to(generated) and (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"over {MAX_LINES} lines: {long}; split by the nouns they own"
