@@ -1,4 +1,15 @@
-"""Kill-and-Revive through the wire and in local-train: kill modes, round trips, bytes, decisions."""
+"""Kill-and-Revive through the wire and in local-train: kill modes, round trips, bytes, decisions.
+
+Why the comparisons hold on any CPU (Intel or AMD, with or without AVX-512, arm64): message counts
+and byte counts are integers, compared exactly. Split and local-train compute the same float32
+maths in other summation orders: losses agree to ~1e-7 relative (asserted at rel 1e-5), gradients
+to float32's precision on these sums, at most ~6e-6 of the tensor's largest element (asserted at
+rtol 1e-5 + atol 3e-5 x that element; test_golden_peft.py derives it). Where several steps are
+compared the optimizer is SGD, linear in the gradient, so the weights the next step starts from
+differ only by lr x those gradient differences (~1e-9 here) and the next gradients stay within the
+same tolerance; AdamW divides by sqrt(v) and would move an element whose gradient is round-off by
++-lr on its sign alone.
+"""
 
 from __future__ import annotations
 
@@ -49,9 +60,18 @@ def test_round_trips_and_bytes_per_kill_mode(mode, forward, backward, up, down, 
     split.close()
 
 
+GRAD_RTOL, GRAD_ATOL = 1e-5, 3e-5  # atol x the tensor's largest element; see the module docstring
+
+
+def assert_grads_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, rtol=GRAD_RTOL, atol=GRAD_ATOL * float(want.abs().max()),
+                               msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("mode", ["frozen", "detached", "dropped"])
 def test_killed_modules_split_equals_peft(mode, tiny_dir, cloud, data_file, tmp_path):
-    """frozen = PEFT with requires_grad off per module; detached/dropped = PEFT with the matching hooks."""
+    """frozen = PEFT with requires_grad off per module; detached/dropped = PEFT with the matching hooks
+    (LocalEngine's); three SGD steps with LoRA dropout 0.1, the same draws on both sides."""
     model_dir = tiny_dir("llama", layers=4)
     cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), rank=4,
                       lora_dropout=0.1, progress=False)
@@ -63,7 +83,7 @@ def test_killed_modules_split_equals_peft(mode, tiny_dir, cloud, data_file, tmp_
             pl.copy_(ps)
     for e in (split, local):
         e.set_active(ACTIVE, mode)
-    opts = [torch.optim.AdamW(e.parameters(), lr=1e-2) for e in (split, local)]
+    opts = [torch.optim.SGD(e.parameters(), lr=0.1) for e in (split, local)]
     examples = load_examples(data_file, split.tokenizer, 64)
     roles = layer_roles(ACTIVE, 4, mode)
     for step in range(3):
@@ -74,11 +94,11 @@ def test_killed_modules_split_equals_peft(mode, tiny_dir, cloud, data_file, tmp_
         loss_s, _ = split.train_step(batch, step, roles)
         torch.manual_seed(100 + step)
         loss_l, _ = local.train_step(batch, step, roles)
-        assert loss_s == pytest.approx(loss_l, abs=1e-5)
-        for ps, pl in zip(split.parameters(), local.parameters()):
+        assert loss_s == pytest.approx(loss_l, rel=1e-5)
+        for i, (ps, pl) in enumerate(zip(split.parameters(), local.parameters())):
             assert (ps.grad is None) == (pl.grad is None)
             if ps.grad is not None:
-                torch.testing.assert_close(ps.grad, pl.grad, atol=1e-5, rtol=1e-4)
+                assert_grads_close(ps.grad, pl.grad, f"step {step} parameter {i}")
         for opt in opts:
             opt.step()
     split.close()
@@ -88,8 +108,22 @@ def _kr_log(path) -> list[dict]:
     return [json.loads(line) for line in (path / "kr_log.jsonl").read_text().splitlines()]
 
 
-def test_six_layer_budget_two_through_wire_and_local(tiny_dir, cloud, data_file, tmp_path):
-    """--epochs 4 --warmup-epochs 1 --budget 2 --revive 1 on 6 layers: the done-when of the KR issue."""
+@pytest.fixture
+def sgd_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's AdamW replaced by SGD (same lr and schedule), for runs compared across engines."""
+    monkeypatch.setattr(torch.optim, "AdamW",
+                        lambda params, lr, weight_decay=0.0: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
+
+
+def test_six_layer_budget_two_through_wire_and_local(sgd_trainer, tiny_dir, cloud, data_file, tmp_path):
+    """--epochs 4 --warmup-epochs 1 --budget 2 --revive 1 on 6 layers: the done-when of the KR issue.
+
+    The trainer runs SGD here (see the module docstring): then each module's Δ is the norm of lr x a
+    sum of gradients that agree to float32 precision, so split and local Δ agree to ~1e-5 relative
+    (asserted: 1e-4). The decisions compare Δs; they are the same on any CPU because every logged Δ
+    lies more than 1e-3 (relative) from every other one (asserted), 100x what the two runs' Δs may
+    differ by.
+    """
     model_dir = tiny_dir("llama", layers=6)
     address = cloud(model_dir)
     logs = {}
@@ -107,7 +141,9 @@ def test_six_layer_budget_two_through_wire_and_local(tiny_dir, cloud, data_file,
     assert [d["next_active"] for d in split] == [d["next_active"] for d in local]
     for a, b in zip(split, local):
         for k in a["deltas"]:
-            assert a["deltas"][k] == pytest.approx(b["deltas"][k], rel=1e-4, abs=1e-7)
+            assert a["deltas"][k] == pytest.approx(b["deltas"][k], rel=1e-4)
+    deltas = sorted(v for d in split for v in d["deltas"].values())
+    assert all(hi - lo > 1e-3 * hi for lo, hi in zip(deltas, deltas[1:])), f"near-tie among the deltas {deltas}"
     assert len(split[0]["active"]) == 6 and all(len(d["active"]) == 2 for d in split[1:])
     assert any(d["revived"] for d in split)
     # every decision follows the logged deltas
@@ -119,7 +155,8 @@ def test_six_layer_budget_two_through_wire_and_local(tiny_dir, cloud, data_file,
 
 
 def test_dropped_mode_bytes_fall_to_budget_share(tiny_dir, cloud, data_file, tmp_path):
-    """After warm-up with budget 2 of 6 in dropped mode, per-layer traffic is 2/6 of the warm-up's."""
+    """After warm-up with budget 2 of 6 in dropped mode, per-layer traffic is 2/6 of the warm-up's (byte
+    counts are integers: the ratio is exact up to float64's 1e-16)."""
     model_dir = tiny_dir("llama", layers=6)
     cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), epochs=2,
                       budget=2, kill_mode="dropped", batch_size=16, shuffle=False, progress=False)
