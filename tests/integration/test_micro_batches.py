@@ -1,4 +1,14 @@
-"""--micro-batches M: the step's micro-batches overlap on the wire and add up to exactly the M=1 step."""
+"""--micro-batches M: the step's micro-batches overlap on the wire and add up to exactly the M=1 step.
+
+Why the tolerances hold on any CPU (Intel or AMD, with or without AVX-512, arm64): M micro-batches
+compute the same float32 maths as one batch, but each drops its own padding columns (other matrix
+shapes, other BLAS blocking) and the gradients add up micro-batch by micro-batch: another summation
+order. So the loss agrees to ~1e-7 relative (asserted: rel 1e-5) and each gradient to float32's
+precision on these sums, at most ~6e-6 of the tensor's largest element (asserted: rtol 1e-5 + atol
+3e-5 x that element; test_golden_peft.py derives it). Between steps the optimizer is SGD, linear in
+the gradient, so the next step starts from weights ~1e-9 apart; AdamW divides by sqrt(v), and an
+element whose gradient is round-off would move by +-lr on its sign alone.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ def test_micro_batches_equal_one_batch(family, m, mode, tiny_dir, cloud, data_fi
         engines.append(engine)
     examples = load_examples(data_file, engines[0].tokenizer, 64)
     roles = layer_roles({1, 2}, 4, mode)
-    opts = [torch.optim.AdamW(e.parameters(), lr=1e-2) for e in engines]
+    opts = [torch.optim.SGD(e.parameters(), lr=0.1) for e in engines]
     for step in range(3):
         batch = collate(examples[step * 5 : step * 5 + 5], engines[0].tokenizer.pad_token_id)
         results = []
@@ -38,11 +48,11 @@ def test_micro_batches_equal_one_batch(family, m, mode, tiny_dir, cloud, data_fi
             results.append(engine.train_step(batch, step, roles))
         (loss1, t1), (loss_m, tm) = results
         assert tm.messages["up:step_begin"] == m and t1.messages["up:step_begin"] == 1
-        assert loss_m == pytest.approx(loss1, abs=1e-5)
+        assert loss_m == pytest.approx(loss1, rel=1e-5)
         for p1, pm in zip(engines[0].parameters(), engines[1].parameters()):
             assert (p1.grad is None) == (pm.grad is None)
             if p1.grad is not None:
-                torch.testing.assert_close(pm.grad, p1.grad, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(pm.grad, p1.grad, rtol=1e-5, atol=3e-5 * float(p1.grad.abs().max()))
         for opt in opts:
             opt.step()
     for e in engines:
