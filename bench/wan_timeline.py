@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.model_files import load_config  # noqa: E402
 from edge_client.app.cli import default_cache  # noqa: E402
-from edge_client.tools.bench import attention_targets, run_worker  # noqa: E402
+from edge_client.tools.bench_worker import attention_targets, run_worker  # noqa: E402
 from edge_client.tools.cloud_process import CloudProcess  # noqa: E402
 from edge_client.tools.link_emulator import LinkEmulator, parse_wan  # noqa: E402
 from edge_client.tools.synthetic import BENCH_CONFIG, llama_config, write_random_model  # noqa: E402

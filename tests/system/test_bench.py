@@ -14,7 +14,8 @@ import torch
 
 from common.errors import ConfigError
 from common.model_files import load_config
-from edge_client.tools.bench import Worker, attention_targets, check_targets, run_paired, run_worker
+from edge_client.tools.bench import check_targets
+from edge_client.tools.bench_worker import Worker, attention_targets, run_paired, run_worker
 
 
 def _spec(model_dir, **kw):  # type: ignore[no-untyped-def]
