@@ -1,4 +1,11 @@
-"""End-of-epoch checkpoints: a stopped run continues to exactly the uninterrupted result."""
+"""End-of-epoch checkpoints: a stopped run continues to exactly the uninterrupted result.
+
+Why bit equality holds on any CPU: the resumed run repeats the uninterrupted run's float operations
+on the same numbers, in the same process and the same order: the checkpoint restores the weights
+and the AdamW state bit for bit (safetensors), the schedule, the data order and the RNG (so the
+LoRA dropout draws too). torch's CPU kernels are deterministic for a given shape and thread count,
+so no CPU can make the two runs differ; a tolerance would only hide a state the checkpoint lost.
+"""
 
 from __future__ import annotations
 
@@ -38,16 +45,16 @@ def test_stop_and_resume_equals_uninterrupted(kind, tiny_dir, cloud, data_file, 
     assert events[0]["kind"] == "step" and events[0]["step"] == 9  # resumed after epoch 2 (8 steps)
     a = load_file(str(ref.output / "adapter_model.safetensors"))
     b = load_file(str(cfg.output / "adapter_model.safetensors"))
+    assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(a[k], b[k]), k
     for name in ("metrics.jsonl", "kr_log.jsonl"):
         ref_rows = [json.loads(x) for x in (ref.output / name).read_text().splitlines()]
         rows = [json.loads(x) for x in (cfg.output / name).read_text().splitlines()]
         assert len(rows) == len(ref_rows)
         for r0, r1 in zip(ref_rows, rows):
-            if "loss" in r0:
-                assert r1["loss"] == pytest.approx(r0["loss"], abs=1e-5)
-            assert r1.get("next_active") == r0.get("next_active")
+            for key in ("loss", "deltas", "next_active"):
+                assert r1.get(key) == r0.get(key), (name, key)
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(tiny_dir, data_file, tmp_path, caplog):
