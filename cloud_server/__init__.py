@@ -1,5 +1,1 @@
-from common.malloc import keep_freed_buffers
-from common.openmp import quiet_idle_threads
-
-quiet_idle_threads()  # before anything imports torch: see common/openmp.py
-keep_freed_buffers()  # see common/malloc.py
+"""The cloud side of dlora: the frozen decoder stack, sessions, the Kill-and-Revive queue and the gRPC server."""

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from common.config import ServeConfig, flag_error
 from common.errors import DloraError
+from common.tuning import tune_process
 
 log = logging.getLogger("dlora.cloud")
 
@@ -90,6 +91,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_process()  # before anything imports torch: see common/tuning.py
     args = _parser().parse_args(argv)
     sys.setswitchinterval(float(os.environ.get("DLORA_GIL_SWITCH_S", "0.005")))
     level = getattr(args, "log_level", "WARNING")

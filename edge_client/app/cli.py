@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from common.config import TrainConfig, check_int8_block_size, flag_error
 from common.errors import ConfigError, DloraError, RemoteError
+from common.tuning import tune_process
 from common.wire.protocol import WIRE_CODECS
 
 log = logging.getLogger("dlora")
@@ -282,6 +283,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_process()  # before anything imports torch: see common/tuning.py
     args = _parser().parse_args(argv)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -26,6 +26,7 @@ import grpc
 
 from common.pb.dlora.v1 import edge_control_pb2 as pb
 from common.pb.dlora.v1 import edge_control_pb2_grpc as pb_grpc
+from common.tuning import tune_process
 from edge_client.app.session_runner import read_status, write_status
 
 log = logging.getLogger("dlora.daemon")
@@ -228,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_process()  # this process and, through GOMP_SPINCOUNT, its sessions: see common/tuning.py
     args = parser().parse_args(argv)
     state_dir = args.state_dir or default_state_dir()
     return serve(state_dir, args.listen or default_address(state_dir))

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.config import TrainConfig
 from common.errors import DloraError
+from common.tuning import tune_process
 
 log = logging.getLogger("dlora.session")
 
@@ -120,8 +121,12 @@ def run(session_dir: Path) -> int:
     return 0
 
 
-def main() -> None:
-    session_dir = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    tune_process()  # before anything imports torch: see common/tuning.py
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m edge_client.app.session_runner SESSION_DIR (the dlora-edge daemon starts it)")
+    session_dir = Path(argv[0])
     _die_with_parent()
     logging.basicConfig(filename=session_dir / "log.txt", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

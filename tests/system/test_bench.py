@@ -1,6 +1,6 @@
 """`dlora bench`: its workers (local-train and the split stepped in turn, bytes against the formula), its
-flag errors, the whole command over an emulated link; and the OpenMP and malloc settings every dlora
-process starts with."""
+flag errors, the whole command over an emulated link. (The OpenMP and malloc settings every dlora process
+starts with: tests/unit/test_tuning.py.)"""
 
 from __future__ import annotations
 
@@ -105,51 +105,6 @@ def test_worker_asked_past_its_batches_says_so(tiny_dir):
             worker.step()
     finally:
         worker.kill()
-
-
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [({}, "30000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
-)
-def test_dlora_processes_shorten_openmp_spinning_unless_told(env, expected):
-    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    for package in ("edge_client", "cloud_server"):
-        code = f"import os, {package}, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
-        out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        assert out == str(expected)
-
-
-_FAULTS_PER_6MB_BLOCK = """
-import ctypes, resource, sys
-import {package}
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-n = 6 << 20
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # two blocks freed together, as a step frees its messages and activations
-    a, b = libc.malloc(n), libc.malloc(n)
-    libc.memset(a, 1, n)
-    libc.memset(b, 1, n)
-    libc.free(a)
-    libc.free(b)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize(("tunables", "reused"), [(None, True), ("glibc.malloc.perturb=0", False)])
-def test_dlora_processes_reuse_freed_buffers_unless_told(tunables, reused):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    if tunables:
-        env["GLIBC_TUNABLES"] = tunables
-    pages = (6 << 20) // 4096
-    for package in ("edge_client", "cloud_server"):
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_6MB_BLOCK.format(package=package)], env=env,
-                             capture_output=True, text=True, check=True).stdout
-        faults = float(out)
-        assert (faults < pages / 4) if reused else (faults > pages / 2), (package, faults)
 
 
 def test_bench_over_an_emulated_asymmetric_link_says_which_link_it_used(tiny_dir, tmp_path):
