@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
-from common.config import TORCH_DTYPES
+from common.config import torch_dtype
 from common.errors import ConfigError
 from common.families import Family, family_of, linear_shape, max_positions
 from common.model_files import fingerprint, load_config, tensor_index
@@ -82,7 +82,7 @@ class DecoderStack:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = torch_dtype(dtype)
         self.fingerprint = fingerprint(self.model_dir)
         model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype)
         model.set_input_embeddings(None)  # the edge owns the embedding table

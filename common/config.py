@@ -41,13 +41,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)  # type: ignore[no-any-return]
 
 
-def __getattr__(name: str) -> Any:
-    """TORCH_DTYPES, the old name -> torch dtype table, kept for its users until they call torch_dtype."""
-    if name == "TORCH_DTYPES":
-        return {n: torch_dtype(n) for n in DTYPES}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

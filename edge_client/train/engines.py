@@ -21,7 +21,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from common.config import TORCH_DTYPES, KillMode, TrainConfig
+from common.config import KillMode, TrainConfig, torch_dtype
 from common.scheduler import Decision, KRState
 from edge_client.train.data import Batch, lm_loss
 from edge_client.train.kill_revive import LocalScheduler, kr_config
@@ -73,7 +73,7 @@ class LocalEngine:
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         init = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        base = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=TORCH_DTYPES[cfg.dtype])
+        base = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch_dtype(cfg.dtype))
         # PEFT keeps LoRA weights in float32 on a bfloat16/float16 base (autocast_adapter_dtype)
         self.model = get_peft_model(base, lora_config(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout)).to(cfg.device)
         own = dict(self.model.named_parameters())
