@@ -1,5 +1,11 @@
 """The bench's device link: parse --wan; the user-space relay's delay and rate per direction, as
-recorded; the network namespace the kernel-netem link puts the cloud in; netem itself where it exists."""
+recorded; the network namespace the kernel-netem link puts the cloud in; netem itself where it exists.
+
+The recorded spans are computed, not measured: a transmission's end is its start + bytes / rate in
+float64, so their summed durations equal bytes / rate to float64 rounding of monotonic-clock values
+(~1e-9 relative), on any CPU; pytest.approx's default rel 1e-6 is exact enough. Elapsed times are
+only bounded from below, by delays the relay sleeps through, never compared with a tolerance.
+"""
 
 from __future__ import annotations
 
