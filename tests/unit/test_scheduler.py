@@ -1,4 +1,10 @@
-"""Kill-and-Revive scheduler: the rules of DESIGN.md "Kill and Revive (precise)", table by table."""
+"""Kill-and-Revive scheduler: the rules of DESIGN.md "Kill and Revive (precise)", table by table.
+
+Exact comparisons throughout, on any CPU: the scheduler is pure Python on the floats it is given
+(comparisons and sorting of doubles; its only arithmetic, Early-Kill's tau x fsum(deltas) / n, is
+correctly rounded IEEE 754 double on every CPU Python runs on), and a float's JSON text (Python's
+shortest repr) parses back to the same double.
+"""
 
 from __future__ import annotations
 
