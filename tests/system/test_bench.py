@@ -1,6 +1,17 @@
 """`dlora bench`: its workers (local-train and the split stepped in turn, bytes against the formula), its
 flag errors, the whole command over an emulated link. (The OpenMP and malloc settings every dlora process
-starts with: tests/unit/test_tuning.py.)"""
+starts with: tests/unit/test_tuning.py.)
+
+Byte counts are integers, compared exactly. Why `final_loss` agrees at abs 1e-4 (~2e-5 of the ~5.5 loss)
+on any CPU (Intel or AMD, with or without AVX-512, arm64): it is the loss of the third step, after two
+AdamW steps at lr 1e-3 from the same weights. The two paths' gradients agree to float32 precision
+(test_golden_peft.py), so AdamW moves every element the same way to ~1e-6 relative, except elements
+whose gradient is itself round-off: those may move up to 2 x (c_1 + c_2) x lr = 4e-3 apart on their
+sign alone (tests/system/test_end_to_end.py, adamw_bound). The loss is flat along those to first order
+(their gradient is zero but for round-off), so they change it only at second order, (4e-3)^2 x the
+curvature, far below 1e-4 for this O(1)-curvature tiny model; the first-order part is float32
+round-off, ~1e-6.
+"""
 
 from __future__ import annotations
 
