@@ -42,3 +42,25 @@ def test_every_command_is_documented():
         if isinstance(action, argparse._SubParsersAction):
             for name in action.choices:
                 assert f"dlora {name}" in README, name
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _layout_block() -> str:
+    section = README[README.index("### Layout"):]
+    return section[section.index("```") + 3 : section.index("```", section.index("```") + 3)]
+
+
+def test_layout_names_every_module_and_no_other():
+    """The README's layout tree lists every module of ours by its file name, and names no .py file that is gone."""
+    block = _layout_block()
+    ours = sorted(p for pkg in ("common", "cloud_server", "edge_client") for p in (ROOT / pkg).rglob("*.py")
+                  if p.name != "__init__.py" and "pb" not in p.relative_to(ROOT).parts)
+    missing = [str(p.relative_to(ROOT)) for p in ours if not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", block)]
+    assert not missing, f"README's layout does not name {missing}"
+    named = set(re.findall(r"[a-z_]+\.py", block))
+    gone = sorted(named - {p.name for p in ours})
+    assert not gone, f"README's layout names modules that do not exist: {gone}"
+    for folder in re.findall(r"^ *([a-z_]+)/ ", block, flags=re.M):
+        assert any(ROOT.glob(f"**/{folder}")), f"README's layout names a folder {folder}/ that does not exist"
