@@ -61,6 +61,19 @@ class ServeConfig(_Frozen):
     state_dir: Path = Path.home() / ".cache" / "dlora" / "cloud"  # embedded Redis data
     session_ttl_s: float = Field(86400.0, gt=0)  # session keys expire after this long idle
     claim_idle_s: float = Field(5.0, gt=0)  # reports pending this long on a dead consumer are taken over
+    # -- security (docs/security.md)
+    tls_cert: Path | None = None  # PEM server certificate (chain); with tls_key, the server speaks TLS only
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA: every client must present a certificate it signed (mTLS)
+    insecure: bool = False  # allow plaintext, or auth none, on a non-loopback address
+    auth: Literal["token", "none"] | None = None  # None: none on a loopback host, token on any other
+    max_sessions_per_token: int = Field(4, ge=1)  # concurrent sessions one device token may hold (all workers)
+    max_micro_batches: int = Field(8, ge=1)  # micro-batches in flight per session
+    hello_timeout_s: float = Field(10.0, gt=0)  # a stream that has not said Hello by then is closed
+    idle_timeout_s: float = Field(3600.0, gt=0)  # a session stream with no message for this long between steps is closed
+    keepalive_s: float = Field(30.0, gt=0)  # HTTP/2 ping interval; a peer that does not answer within it is dropped
+    reports_maxlen: int = Field(100_000, ge=100)  # the Kill-and-Revive reports stream is trimmed to about this many
+    report_max_tries: int = Field(5, ge=1)  # a report that fails the scheduler this often goes to the dead-letter stream
 
 
 class TrainConfig(_Frozen):
@@ -90,6 +103,10 @@ class TrainConfig(_Frozen):
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)
+    tls_ca: Path | None = None  # PEM CA that signed the cloud's certificate: speak TLS to the cloud
+    tls_cert: Path | None = None  # PEM client certificate, for a cloud that requires mTLS
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    token_file: Path | None = None  # file holding this device's token (else $DLORA_TOKEN; never a flag value)
     progress: bool = True
     device: Device = "cpu"  # this device's compute: edge parts + LoRA (train), the model (local-train)
     dtype: Dtype = "float32"  # local-train: the frozen base's dtype
