@@ -24,6 +24,18 @@ class SessionError(DloraError):
     """A session cannot start or continue (unknown id, model mismatch, expired state)."""
 
 
+class AuthError(DloraError):
+    """A call carries no device token, or one the cloud does not know (wrong or revoked)."""
+
+
+class AccessError(SessionError):
+    """A valid device token asks for a session that belongs to another token."""
+
+
+class SupersededError(SessionError):
+    """A newer stream of the same session, with the owning token, has taken this stream's place."""
+
+
 class RemoteError(DloraError):
     """The other side answered with an error, or could not be reached.
 
@@ -40,6 +52,9 @@ STATUS_OF: dict[type[DloraError], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     ProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
     SessionError: grpc.StatusCode.FAILED_PRECONDITION,
+    AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    AccessError: grpc.StatusCode.PERMISSION_DENIED,
+    SupersededError: grpc.StatusCode.ABORTED,
     RemoteError: grpc.StatusCode.UNAVAILABLE,
 }
 
