@@ -12,6 +12,8 @@ HEALTH_METHOD = f"/{SERVICE}/Health"
 WIRE_CODECS = ("float32", "bfloat16", "float16", "int8")  # what --wire, --wire-up, --wire-down accept
 DEFAULT_BLOCK_SIZE = 4096  # int8: elements per absmax scale (--int8-block-size)
 MAX_BLOCK_SIZE = 1 << 24  # the largest int8 block a receiver accepts
+AUTH_METADATA = "authorization"  # the session stream's call metadata carrying `Bearer <device token>`
+SESSION_ID_HEX = 32  # a session id: 128 random bits as lowercase hex (secrets.token_hex(16))
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
