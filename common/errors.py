@@ -36,6 +36,17 @@ class SupersededError(SessionError):
     """A newer stream of the same session, with the owning token, has taken this stream's place."""
 
 
+class LimitError(DloraError):
+    """A request is over one of the cloud's limits (sessions, micro-batches or tokens in flight).
+
+    Not the peer's mistake, and not worth an immediate retry: wait, or send less.
+    """
+
+
+class SilenceError(SessionError):
+    """A peer said nothing for longer than a limit allows (no Hello in time, or idle between steps)."""
+
+
 class RemoteError(DloraError):
     """The other side answered with an error, or could not be reached.
 
@@ -55,6 +66,8 @@ STATUS_OF: dict[type[DloraError], grpc.StatusCode] = {
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
     AccessError: grpc.StatusCode.PERMISSION_DENIED,
     SupersededError: grpc.StatusCode.ABORTED,
+    LimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SilenceError: grpc.StatusCode.DEADLINE_EXCEEDED,
     RemoteError: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -68,3 +81,12 @@ def status_of(error: BaseException) -> grpc.StatusCode:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text from the other side, safe to show: one line of printable characters, at most `limit` long.
+
+    A peer's error message is untrusted input: it could carry newlines, terminal escapes or megabytes.
+    """
+    flat = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
