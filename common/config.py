@@ -142,6 +142,8 @@ def check_int8_block_size(n: int) -> int:
     """--int8-block-size for the commands without a TrainConfig (eval, bench): n, or ConfigError."""
     if n < 1:
         raise ConfigError(f"--int8-block-size={n}: must be >= 1")
+    if n > MAX_BLOCK_SIZE:
+        raise ConfigError(f"--int8-block-size={n}: must be <= {MAX_BLOCK_SIZE} (what a receiver accepts)")
     return n
 
 

@@ -7,7 +7,12 @@ decoding reads the bytes in place with torch.frombuffer.
 
 int8 is blockwise absmax (as bitsandbytes' and hivemind's blockwise 8-bit): the flat tensor is
 cut into blocks of `block_size` elements, each stored as round(x / absmax * 127) with its absmax
-as a float32 scale, so the error of any element is at most absmax/254 of its block.
+as a float32 scale, so the error of any element is at most absmax/254 of its block. A sender uses
+min(block_size, tensor size); a receiver accepts 1..MAX_BLOCK_SIZE and allocates only what the
+element bytes it received imply, whatever the block size (no padding to a whole block).
+
+Nothing is allocated from a size the sender states until it has been checked against the bytes that
+arrived (which the gRPC message limit bounds): a 4-byte message cannot make the receiver allocate.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from common.errors import ProtocolError
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.wire.protocol import DEFAULT_BLOCK_SIZE, WIRE_CODECS
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, WIRE_CODECS
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def encode(t: torch.Tensor, codec: str, block_size: int = DEFAULT_BLOCK_SIZE) ->
     """Encode a tensor for the wire into a new message, its bytes inline in `data`.
 
     Raises:
-        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size < 1.
+        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size is not in 1..MAX_BLOCK_SIZE.
     """
     out = pb.Tensor()
     out.data = bytes(encode_into(out, t, codec, block_size))
@@ -91,7 +96,7 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, codec: str, block_size: int = D
     share memory with `t` where no conversion was needed, so t must not change until it is sent.
 
     Raises:
-        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size < 1.
+        ProtocolError: the tensor holds NaN or Inf (or overflows float16), or block_size is not in 1..MAX_BLOCK_SIZE.
     """
     spec = codec_spec(codec)
     shape = list(t.shape)
@@ -103,6 +108,9 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, codec: str, block_size: int = D
     if not all_finite(t):
         raise ProtocolError(f"refusing to send a tensor of shape {tuple(shape)} with NaN or Inf values")
     if spec.codec == pb.INT8_BLOCKWISE:
+        if not 1 <= block_size <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"int8 block size must be in 1..{MAX_BLOCK_SIZE}, got {block_size}")
+        block_size = min(block_size, max(t.numel(), 1))  # a block never longer than the tensor
         q, absmax = _int8_encode(t, block_size)
         out.scales = bytes(_raw_view(absmax))
         out.block_size = block_size
@@ -179,7 +187,8 @@ def decode(
         device: where the result goes; the dtype conversion and the check happen there.
 
     Raises:
-        ProtocolError: wrong codec, shape, byte length, block layout, or NaN/Inf values.
+        ProtocolError: wrong codec, shape, byte length, block layout, or NaN/Inf values; all but the
+            values are found before anything is allocated.
     """
     spec = codec_spec(codec)
     if msg.codec != spec.codec:
@@ -203,6 +212,7 @@ def decode(
     if spec.codec == pb.UINT8:
         return _frombuffer(data, torch.uint8).view(got_shape).to(device)
     if spec.codec == pb.INT8_BLOCKWISE:
+        _check_blocks(msg, numel, what)
         # int8 values are always finite; the scales were checked, so the product is too
         return _int8_decode(msg, data, numel, what, device).view(got_shape).to(out_dtype)
     # move, then convert and check where the result lives (a GPU does both far faster)
@@ -212,20 +222,42 @@ def decode(
     return t
 
 
-def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str,
-                 device: torch.device | str) -> torch.Tensor:
-    """float32 values on `device`: the int8 bytes move there first (a quarter of float32's)."""
+def _check_blocks(msg: pb.Tensor, numel: int, what: str) -> None:
+    """An int8 tensor's block layout, checked before anything is allocated.
+
+    Raises:
+        ProtocolError: block_size outside 1..MAX_BLOCK_SIZE, or not one 4-byte scale per block.
+    """
     bs = msg.block_size
-    if bs < 1:
-        raise ProtocolError(f"{what}: int8 block_size must be >= 1, got {bs}")
+    if not 1 <= bs <= MAX_BLOCK_SIZE:
+        raise ProtocolError(f"{what}: int8 block_size must be in 1..{MAX_BLOCK_SIZE}, got {bs}")
     n_blocks = -(-numel // bs)
     if len(msg.scales) != 4 * n_blocks:
-        raise ProtocolError(f"{what}: {len(msg.scales)} scale bytes, expected {4 * n_blocks}")
-    absmax = _frombuffer(msg.scales, torch.float32)
+        raise ProtocolError(f"{what}: {len(msg.scales)} scale bytes, expected {4 * n_blocks} "
+                            f"({n_blocks} blocks of {bs} for {numel} elements)")
+
+
+def _int8_decode(msg: pb.Tensor, data: bytes | memoryview, numel: int, what: str,
+                 device: torch.device | str) -> torch.Tensor:
+    """float32 values on `device`: the int8 bytes move there first (a quarter of float32's).
+
+    The one new tensor has `numel` elements, which the received bytes hold: full blocks are scaled as a
+    (blocks, bs) view and the shorter last block on its own, so a block size larger than the tensor
+    allocates nothing more. Call _check_blocks first.
+
+    Raises:
+        ProtocolError: a scale is negative, NaN or Inf.
+    """
+    bs = msg.block_size
+    absmax = _frombuffer(msg.scales, torch.float32)  # (n_blocks,)
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
         raise ProtocolError(f"{what}: int8 scales must be finite and non-negative")
-    q = _frombuffer(data, torch.int8).to(device).to(torch.float32)
-    pad = n_blocks * bs - numel
-    blocks = (torch.nn.functional.pad(q, (0, pad)) if pad else q).view(n_blocks, bs)
-    # scale last: exact for subnormal absmax
-    return blocks.div_(127.0).mul_(absmax.to(device)[:, None]).reshape(-1)[:numel]
+    absmax = absmax.to(device)
+    q = _frombuffer(data, torch.int8).to(device).to(torch.float32)  # (numel,)
+    full = numel // bs
+    # divide, then scale last: exact for subnormal absmax
+    if full:
+        q[: full * bs].view(full, bs).div_(127.0).mul_(absmax[:full, None])
+    if numel > full * bs:
+        q[full * bs :].div_(127.0).mul_(absmax[full])
+    return q

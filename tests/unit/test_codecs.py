@@ -23,7 +23,7 @@ from common.errors import ProtocolError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
 from common.wire.codecs import CODECS, decode, encode, nbytes
-from common.wire.protocol import DEFAULT_BLOCK_SIZE, WIRE_CODECS
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, WIRE_CODECS
 
 SHAPES = [(), (1,), (3, 5, 7), (2, 1000, 3), (0, 4)]
 FLOAT_CODECS = ("float32", "bfloat16", "float16")
@@ -144,10 +144,11 @@ def test_int8_error_bound_holds_for_a_subnormal_block() -> None:
 def test_int8_payload_size(shape: tuple[int, ...], block_size: int) -> None:
     numel = math.prod(shape)
     msg = encode(_sample(shape), "int8", block_size)
-    n_blocks = -(-numel // block_size)
+    sent = min(block_size, max(numel, 1))  # a sender never uses a block longer than the tensor
+    n_blocks = -(-numel // sent)
     assert len(msg.data) == numel
     assert len(msg.scales) == 4 * n_blocks
-    assert msg.block_size == block_size
+    assert msg.block_size == sent
     assert nbytes(msg) == numel + 4 * n_blocks
 
 
@@ -200,7 +201,7 @@ def test_encode_accepts_float16_max() -> None:
     assert torch.equal(decode(encode(x, "float16"), "t", (2,), "float16"), x)
 
 
-@pytest.mark.parametrize("block_size", [0, -1])
+@pytest.mark.parametrize("block_size", [0, -1, MAX_BLOCK_SIZE + 1])
 def test_encode_rejects_bad_block_size(block_size: int) -> None:
     with pytest.raises(ProtocolError, match="block size"):
         encode(torch.ones(8), "int8", block_size)
@@ -320,11 +321,28 @@ def test_decode_rejects_bad_int8_scales(bad: float) -> None:
         decode(msg, "t", (3, 50), "int8")
 
 
-def test_decode_rejects_int8_block_size_zero() -> None:
-    msg = encode(_sample((3, 50)), "int8", 64)
-    msg.block_size = 0
-    with pytest.raises(ProtocolError, match="block_size"):
-        decode(msg, "t", (3, 50), "int8")
+@pytest.mark.parametrize("block_size", [0, MAX_BLOCK_SIZE + 1, 2**32 - 1])
+def test_decode_rejects_int8_block_size_out_of_range(block_size: int) -> None:
+    """0 and anything above MAX_BLOCK_SIZE is refused; 2**32 - 1 is the block-size bomb (one block,
+    4 bytes of scales, which a padding decoder would expand to 17 GB)."""
+    msg = encode(_sample((1,)), "int8")
+    msg.block_size = block_size
+    with pytest.raises(ProtocolError, match=f"block_size must be in 1..{MAX_BLOCK_SIZE}, got {block_size}"):
+        decode(msg, "t", (1,), "int8")
+
+
+@pytest.mark.parametrize("block_size", [151, 4096, MAX_BLOCK_SIZE])
+def test_decode_of_a_block_longer_than_the_tensor_is_exact_and_small(block_size: int) -> None:
+    """A sender of an older version used blocks longer than the tensor: one block, one scale. The decode
+    equals the same tensor sent with a block of its own size (the arithmetic per element is the same),
+    and allocates no padding: only what the 150 received elements imply."""
+    x = _sample((3, 50))
+    msg = encode(x, "int8", 150)  # one block of exactly the tensor
+    reference = decode(msg, "t", (3, 50), "int8")
+    msg.block_size = block_size
+    y = decode(msg, "t", (3, 50), "int8")
+    assert torch.equal(y, reference)
+    assert y.untyped_storage().nbytes() == 150 * 4
 
 
 # ---------------------------------------------------------------- the registry
