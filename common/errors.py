@@ -47,6 +47,10 @@ class SilenceError(SessionError):
     """A peer said nothing for longer than a limit allows (no Hello in time, or idle between steps)."""
 
 
+class UnavailableError(DloraError):
+    """A service the cloud relies on (its Redis) failed or cannot be reached; the same call may succeed later."""
+
+
 class RemoteError(DloraError):
     """The other side answered with an error, or could not be reached.
 
@@ -68,6 +72,7 @@ STATUS_OF: dict[type[DloraError], grpc.StatusCode] = {
     SupersededError: grpc.StatusCode.ABORTED,
     LimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SilenceError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
     RemoteError: grpc.StatusCode.UNAVAILABLE,
 }
 
