@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
+from cloud_server.tokens import add_token_command, auth_mode, run_token
 from common.config import DEVICES, DTYPES, ServeConfig, field_default, flag_error
 from common.errors import DloraError
 from common.tuning import tune_process
@@ -47,6 +48,11 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
                    help=f"seconds an idle session's keys live in Redis (default {_default('session_ttl_s'):g})")
     s.add_argument("--claim-idle", type=float, default=None,
                    help=f"seconds before a report pending on a dead scheduler is taken over (default {_default('claim_idle_s'):g})")
+    s.add_argument("--auth", default=None, choices=("token", "none"),
+                   help="device tokens (`dlora-cloud token add NAME`): required (token) or not (none) "
+                        "(default none on a loopback --host, token on any other)")
+    s.add_argument("--insecure", action="store_true", default=None,
+                   help="allow plaintext or --auth none on a non-loopback --host (anyone who reaches the port can train)")
     s.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "INFO"), help="logging level (default INFO)")
 
 
@@ -62,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="ask a running server whether it is serving; exit 0 if so")
     h.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    add_token_command(sub)
     return p
 
 
@@ -84,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cloud_server.stack import DecoderStack
 
     config = serve_config(args)
+    auth_mode(config)  # refuse --auth none off loopback before loading the model (CloudServer checks again)
     stack = DecoderStack(config.model, config.device, config.dtype)
     server = CloudServer(stack, config)
     print(f"listening on {config.host}:{server.port}", flush=True)
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if args.command == "token":
+            return run_token(args)
         return _serve(args) if args.command == "serve" else _health(args)
     except DloraError as e:
         print(f"dlora-cloud: error: {e}", file=sys.stderr)

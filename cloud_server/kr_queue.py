@@ -1,7 +1,8 @@
 """The cloud's Redis message queue for Kill-and-Revive, and the session records a restart needs.
 
 Keys (all expire after the session's idle TTL, refreshed on every use):
-- `dlora:session:{id}` (hash): `record` (JSON: what the Hello fixed), `kr_config`, `kr_state` (JSON).
+- `dlora:session:{id}` (hash): `record` (JSON: what the Hello fixed), `kr_config`, `kr_state` (JSON),
+  `owner` (the name of the device token that opened it; "" under --auth none).
 - `dlora:kr:reports` (stream, shared): one entry per epoch report {session, epoch, deltas}.
 - `dlora:kr:commands:{id}` (stream): one entry per decision {epoch, decision}.
 
@@ -83,22 +84,25 @@ class SessionStore:
     def __init__(self, client: redis.Redis, ttl_s: float) -> None:
         self.r, self.ttl = client, max(1, int(ttl_s))
 
-    def create(self, session_id: str, record: dict[str, Any], kr: KRConfig) -> None:
+    def create(self, session_id: str, record: dict[str, Any], kr: KRConfig, owner: str = "") -> None:
         key = session_key(session_id)
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={
                 "record": json.dumps(record, sort_keys=True),
                 "kr_config": json.dumps(kr.__dict__),
                 "kr_state": initial_state(kr).to_json(),
+                "owner": owner,
             })
             p.expire(key, self.ttl)
             p.execute()
 
-    def load(self, session_id: str) -> dict[str, str] | None:
+    def load(self, session_id: str, touch: bool = True) -> dict[str, str] | None:
+        """The session's record, its TTL refreshed unless touch is False; None if unknown or expired."""
         raw = self.r.hgetall(session_key(session_id))
         if not raw:
             return None
-        self.touch(session_id)
+        if touch:
+            self.touch(session_id)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def touch(self, session_id: str) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -17,13 +18,14 @@ from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connec
 from cloud_server.session import SessionSpec, compute_pool, open_spec, run_session
 from cloud_server.stack import DecoderStack
 from cloud_server.stream import EdgeStream
+from cloud_server.tokens import Caller, DeviceAuth, TokenStore, auth_mode
 from common.config import ServeConfig
-from common.errors import ConfigError, DloraError, SessionError, status_of
+from common.errors import AccessError, ConfigError, DloraError, ProtocolError, SessionError, SupersededError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from common.wire import frames
 from common.wire.frames import Frame
-from common.wire.protocol import PROTOCOL, channel_options
+from common.wire.protocol import PROTOCOL, SESSION_ID_HEX, channel_options
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -32,64 +34,88 @@ VERSION = "0.1.0"
 class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     """Sessions over one shared DecoderStack."""
 
-    def __init__(self, stack: DecoderStack, config: ServeConfig, store: SessionStore, kr: KRQueue) -> None:
+    def __init__(self, stack: DecoderStack, config: ServeConfig, store: SessionStore, kr: KRQueue,
+                 auth: DeviceAuth | None = None) -> None:
         self.stack, self.config, self.store, self.kr = stack, config, store, kr
+        self.auth = auth or DeviceAuth("none", TokenStore(store.r))
         self.pool = compute_pool(config.max_sessions)
         self._lock = threading.Lock()
-        self._open: set[str] = set()
+        self._live: dict[str, EdgeStream] = {}  # session id -> its one live stream in this process
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         with self._lock:
-            n = len(self._open)
+            n = len(self._live)
         return pb.HealthReply(
             status="SERVING", model_type=self.stack.config.model_type,
             model_fingerprint=self.stack.fingerprint, open_sessions=n,
         )
 
     def Session(self, request_iterator: Iterator[Frame], context: grpc.ServicerContext) -> Iterator[Frame]:
+        try:  # the token first: a stream without a valid one reads, computes and writes nothing
+            caller = self.auth.admit(context.invocation_metadata())
+        except DloraError as e:
+            log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
+            context.abort(status_of(e), str(e))
         stream = EdgeStream(request_iterator, self.config.step_timeout_s)
         try:
             first = stream.recv()
             if first is None or first.kind != "hello":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
             hello = first.msg.hello
-            session_id = hello.session_id or uuid.uuid4().hex[:12]
+            session_id = hello.session_id or secrets.token_hex(SESSION_ID_HEX // 2)
             spec = open_spec(hello, self.stack, session_id)
-            self._register(spec, list(hello.targets), resume=bool(hello.session_id))
+            self._register(spec, list(hello.targets), caller, resume=bool(hello.session_id))
         except DloraError as e:
             log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
             context.abort(status_of(e), str(e))
         with self._lock:
-            self._open.add(session_id)
-        log.info("session %s opened by %s targets=%s wire=%s/%s", session_id, hello.client_name or "?",
-                 ",".join(hello.targets), spec.codec_up, spec.codec_down)
+            old, self._live[session_id] = self._live.get(session_id), stream
+        if old is not None:  # the device came back, e.g. after a half-open connection: the old stream ends
+            old.interrupt(SupersededError(f"session {session_id} continues on a newer stream with its token; "
+                                          "this one ends"))
+        log.info("session %s opened by %s (token %s) targets=%s wire=%s/%s", session_id, hello.client_name or "?",
+                 caller.name or "-", ",".join(hello.targets), spec.codec_up, spec.codec_down)
         stream.send(pb.CloudMessage(welcome=pb.Welcome(
             session_id=session_id, protocol=PROTOCOL, num_layers=self.stack.num_layers,
             model_type=self.stack.config.model_type, server_version=VERSION)))
-        worker = threading.Thread(target=self._serve, args=(stream, spec, context), daemon=True, name=f"session-{session_id}")
+        worker = threading.Thread(target=self._serve, args=(stream, spec, caller, context), daemon=True, name=f"session-{session_id}")
         worker.start()
         yield from stream.responses()
 
-    def _register(self, spec: SessionSpec, targets: list[str], resume: bool) -> None:
-        """Create the session's Redis record, or check that a resumed session matches it.
+    def _register(self, spec: SessionSpec, targets: list[str], caller: Caller, resume: bool) -> None:
+        """Create the session's Redis record, owned by the caller's token, or check that a resumed session
+        is the caller's and matches it. A refused resume writes nothing.
 
         Raises:
-            SessionError: unknown or expired session id, or other settings than it was opened with.
+            ProtocolError: a session id this cloud never issues.
+            SessionError: an old 48-bit id, an unknown or expired one, or other settings than it was opened with.
+            AccessError: the session belongs to another token.
         """
         record = spec.record(self.stack.fingerprint, targets)
         if not resume:
-            self.store.create(spec.session_id, record, spec.kr)
+            self.store.create(spec.session_id, record, spec.kr, owner=caller.name)
             return
-        stored = self.store.load(spec.session_id)
+        if re.fullmatch("[0-9a-f]{12}", spec.session_id):
+            raise SessionError(f"session {spec.session_id} has an old 48-bit id, which a guess could take over; "
+                               "this cloud resumes none of those: start a new session")
+        if not re.fullmatch(f"[0-9a-f]{{{SESSION_ID_HEX}}}", spec.session_id):
+            raise ProtocolError(f"session id {spec.session_id[:40]!r} is not one this cloud issues "
+                                f"({SESSION_ID_HEX} hex digits); start a new session")
+        stored = self.store.load(spec.session_id, touch=False)
         if stored is None:
             raise SessionError(f"session {spec.session_id} is unknown or expired on this cloud; start a new session")
+        if stored.get("owner", "") != caller.name:
+            raise AccessError(f"session {spec.session_id} belongs to another device token; resume it with the token "
+                              "that opened it, or start a new session")
+        self.store.touch(spec.session_id)
         if json.loads(stored["record"]) != record:
             raise SessionError(f"session {spec.session_id} was opened with other targets, codecs or "
                                "Kill-and-Revive settings; resume it with the same flags or start a new session")
 
-    def _serve(self, stream: EdgeStream, spec: SessionSpec, context: grpc.ServicerContext) -> None:
+    def _serve(self, stream: EdgeStream, spec: SessionSpec, caller: Caller, context: grpc.ServicerContext) -> None:
         try:
-            run_session(stream, self.stack, spec, self.config.max_tokens, self.kr, self.pool)
+            run_session(stream, self.stack, spec, self.config.max_tokens, self.kr, self.pool,
+                        before_step=lambda: self.auth.check(caller))
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))
@@ -100,7 +126,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             context.set_details(f"internal error in session {spec.session_id}; see the cloud's log")
         finally:
             with self._lock:
-                self._open.discard(spec.session_id)
+                if self._live.get(spec.session_id) is stream:  # not when a newer stream took its place
+                    del self._live[spec.session_id]
             log.info("session %s closed", spec.session_id)
             stream.close()
 
@@ -125,8 +152,10 @@ class CloudServer:
         """Start serving.
 
         Raises:
-            ConfigError: the address cannot be bound or Redis cannot be reached.
+            ConfigError: the address cannot be bound, Redis cannot be reached, or --auth none off loopback
+                without --insecure.
         """
+        mode = auth_mode(config)
         self.redis, where = connect(config.redis_url, config.state_dir)
         log.info("Kill-and-Revive queue: %s", where)
         self.store = SessionStore(self.redis, config.session_ttl_s)
@@ -136,7 +165,9 @@ class CloudServer:
             options=channel_options(config.max_message_mb),
             maximum_concurrent_rpcs=config.max_sessions + 4,
         )
-        self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store))
+        self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store),
+                                              DeviceAuth(mode, TokenStore(self.redis)))
+        log.info("device tokens: %s", "required (--auth token)" if mode == "token" else "not required (--auth none)")
         self.server.add_generic_rpc_handlers([handlers(self.servicer)])
         try:
             self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")

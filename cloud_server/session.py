@@ -196,10 +196,11 @@ class _Dispatcher:
 
 
 def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue,
-                pool: ThreadPoolExecutor) -> None:
+                pool: ThreadPoolExecutor, before_step: Callable[[], None] | None = None) -> None:
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
-    Bad input abandons one micro-batch (or report), not the session.
+    Bad input abandons one micro-batch (or report), not the session. `before_step` runs before every
+    StepBegin is dispatched (the device token's check: what it raises ends the session).
 
     Raises:
         SessionError: the edge went silent in the middle of a step.
@@ -209,6 +210,8 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, max_
     try:
         while (msg := stream.recv()) is not None:
             session.raise_failure()
+            if before_step is not None and msg.kind == "step_begin":
+                before_step()
             session.dispatch(msg)
         session.raise_failure()
     finally:

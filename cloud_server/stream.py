@@ -44,6 +44,10 @@ class EdgeStream:
         """Queue a message for the edge (a bare CloudMessage travels without tensor payloads)."""
         self.outbox.put(msg if isinstance(msg, Frame) else Frame(msg))
 
+    def interrupt(self, error: Exception) -> None:
+        """Make the session loop's next `recv` raise `error` (e.g. a newer stream took this session over)."""
+        self.inbox.put(error)
+
     def close(self) -> None:
         """End the response stream once everything queued before it has gone out."""
         self.outbox.put(_END)
@@ -58,9 +62,12 @@ class EdgeStream:
 
         Raises:
             SessionError: the edge sent nothing for reply_timeout_s.
+            Exception: what `interrupt` was given.
         """
         try:
             msg = self.inbox.get(timeout=self.reply_timeout_s)
         except queue.Empty:
             raise SessionError(f"the edge sent nothing for {self.reply_timeout_s:.0f}s; closing the session") from None
+        if isinstance(msg, Exception):
+            raise msg
         return None if msg is _END else msg  # type: ignore[return-value]

@@ -1,6 +1,7 @@
 """`dlora`: the device-side command line (train, local-train, eval, prepare, demo).
 
-Environment variables read here only: DLORA_CACHE (default cache folder), DLORA_LOG_LEVEL.
+Environment variables read here only: DLORA_CACHE (default cache folder), DLORA_LOG_LEVEL, DLORA_TOKEN (the
+device token when --token-file is not given).
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def _split_flags(p: argparse.ArgumentParser) -> None:
                    help=f"longest wait for one cloud message (default {_default('reply_timeout_s'):g})")
     p.add_argument("--max-message-mb", type=int, default=None,
                    help=f"gRPC message size limit in MB (default {_default('max_message_mb')})")
+    _token_flag(p)
+
+
+def _token_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding this device's token, for a cloud that requires one (default: $DLORA_TOKEN; "
+                        "never the token itself as a flag: it would show in ps)")
+
+
+def _device_token(token_file: Path | None) -> str | None:
+    """The device token: --token-file's, else $DLORA_TOKEN's, else None (a cloud with --auth none).
+
+    Raises:
+        ConfigError: --token-file cannot be read or is empty.
+    """
+    from edge_client.remote.link import read_token_file
+
+    return read_token_file(token_file) if token_file else (os.environ.get("DLORA_TOKEN", "").strip() or None)
 
 
 def _lora_flags(p: argparse.ArgumentParser) -> None:
@@ -140,6 +159,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _wire_flags(p)
+    _token_flag(p)
 
 
 def _prepare_flags(p: argparse.ArgumentParser) -> None:
@@ -248,8 +268,14 @@ def _train(args: argparse.Namespace, split: bool) -> int:
     if args.detach:
         from edge_client.app.control import submit
 
+        if cfg.token_file is not None:  # the daemon's session reads the file (the token never enters its state dir)
+            _device_token(cfg.token_file)
+            cfg = cfg.model_copy(update={"token_file": cfg.token_file.resolve()})
+        elif split and os.environ.get("DLORA_TOKEN"):
+            raise ConfigError("--detach: the daemon does not see this shell's $DLORA_TOKEN; "
+                              "pass --token-file FILE instead")
         return submit(args.daemon, cfg, "train" if split else "local-train")
-    engine = SplitEngine(cfg) if split else LocalEngine(cfg)
+    engine = SplitEngine(cfg, token=_device_token(cfg.token_file)) if split else LocalEngine(cfg)
     try:
         result = train(cfg, engine)
     finally:
@@ -286,7 +312,8 @@ def _eval(args: argparse.Namespace) -> int:
         edge = EdgeModel(args.model)
     wire = _given(args.wire, "wire")
     link = CloudLink(LinkConfig(address=args.cloud, codec_up=args.wire_up or wire, codec_down=args.wire_down or wire,
-                                int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size"))),
+                                int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size")),
+                                token=_device_token(args.token_file)),
                      edge)
     link.open()
     results = {}

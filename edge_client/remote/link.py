@@ -11,18 +11,19 @@ import logging
 import queue
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
 
 from common.config import TrainConfig
-from common.errors import ProtocolError, RemoteError
+from common.errors import ConfigError, ProtocolError, RemoteError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision, KRConfig
 from common.wire import codecs, frames
 from common.wire.frames import Frame
-from common.wire.protocol import PROTOCOL, SESSION_METHOD, channel_options
+from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_METHOD, channel_options
 from edge_client.train.engines import Traffic
 from edge_client.train.model_parts import EdgeModel
 
@@ -42,14 +43,35 @@ class LinkConfig:
     connect_timeout_s: float = _TRAIN["connect_timeout_s"].default  # to reach the cloud at session start
     reply_timeout_s: float = _TRAIN["reply_timeout_s"].default  # longest wait for one cloud message
     max_message_mb: int = _TRAIN["max_message_mb"].default  # gRPC message limit, set on both ends
+    token: str | None = field(default=None, repr=False)  # this device's token for `serve --auth token`; never logged
 
     @classmethod
-    def from_train(cls, cfg: TrainConfig) -> LinkConfig:
+    def from_train(cls, cfg: TrainConfig, token: str | None = None) -> LinkConfig:
+        """The link of `dlora train`; `token` is what the entry point read (--token-file or $DLORA_TOKEN)."""
         if cfg.cloud is None:
             raise ValueError("a split run needs cfg.cloud")
         return cls(address=cfg.cloud, codec_up=cfg.codec_up, codec_down=cfg.codec_down,
                    int8_block_size=cfg.int8_block_size, connect_timeout_s=cfg.connect_timeout_s,
-                   reply_timeout_s=cfg.reply_timeout_s, max_message_mb=cfg.max_message_mb)
+                   reply_timeout_s=cfg.reply_timeout_s, max_message_mb=cfg.max_message_mb, token=token)
+
+
+def read_token_file(path: Path) -> str:
+    """The device token in `path` (--token-file): its first line, surrounding space dropped.
+
+    Raises:
+        ConfigError: the file cannot be read or holds no token.
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--token-file {path}: cannot read it ({e.__class__.__name__}); "
+                          "put the token `dlora-cloud token add NAME` printed in that file") from None
+    token = text.strip().split("\n")[0].strip()
+    if not token:
+        raise ConfigError(f"--token-file {path} is empty; put the token `dlora-cloud token add NAME` printed in it")
+    if Path(path).stat().st_mode & 0o077:
+        log.warning("--token-file %s can be read by other users; chmod 600 it", path)
+    return token
 
 
 def _payload(msg: pb.EdgeMessage | pb.CloudMessage) -> int:
@@ -95,7 +117,8 @@ class CloudLink:
         # the generated stub's (de)serializers, wrapped to count whole messages as they cross
         session = self._channel.stream_stream(SESSION_METHOD, request_serializer=self._serialize,
                                               response_deserializer=self._parse)
-        self._call = session(iter(self._outbox.get, _END))
+        metadata = [(AUTH_METADATA, f"Bearer {self.config.token}")] if self.config.token else None
+        self._call = session(iter(self._outbox.get, _END), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         cfg = self.config

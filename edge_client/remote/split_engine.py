@@ -23,12 +23,13 @@ from edge_client.train.model_parts import EdgeModel
 class SplitEngine:
     """Edge half of split training; `roles` says per layer what this step does with its LoRA group."""
 
-    def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None, token: str | None = None) -> None:
+        """token: the device token for a cloud that requires one (read by the entry point)."""
         self.edge = edge or EdgeModel(cfg.model, cfg.targets, cfg.device)
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        self.link = CloudLink(LinkConfig.from_train(cfg), self.edge, kr_config(cfg, self.num_layers))
+        self.link = CloudLink(LinkConfig.from_train(cfg, token), self.edge, kr_config(cfg, self.num_layers))
         self.link.open()
         self.micro_batches = cfg.micro_batches
         # computes micro-batches' heads while the step's thread answers the others' layer calls (M > 1);

@@ -204,7 +204,7 @@ class Link:
                 cleanup.callback(netns.close)
             cloud = CloudProcess(model_dir, extra=["--state-dir", str(cache / "bench" / "cloud-state"),
                                                    "--device", args.cloud_device, "--dtype", args.cloud_dtype,
-                                                   *(["--host", netns.ns_ip] if netns else [])],
+                                                   *(["--host", netns.ns_ip, "--auth", "none", "--insecure"] if netns else [])],
                                  prefix=netns.prefix if netns else None)
             cleanup.callback(cloud.stop)
             if self.wan is None or netns is not None:

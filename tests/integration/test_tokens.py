@@ -1,0 +1,261 @@
+"""Device tokens and session ownership against a real cloud (`--auth token`) and a real Redis: who may
+open, resume, take over and keep a session, and the `dlora-cloud token` commands."""
+
+from __future__ import annotations
+
+import queue
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import torch
+
+from cloud_server.cli import main as cloud_main
+from cloud_server.server import CloudServer
+from cloud_server.stack import DecoderStack
+from cloud_server.tokens import TokenStore, auth_mode
+from common.config import ServeConfig
+from common.errors import ConfigError
+from common.model_files import fingerprint
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.wire import codecs
+
+H, L = 32, 3  # the tiny LLaMA's hidden size and layers
+
+
+@dataclass
+class TokenCloud:
+    server: CloudServer
+    address: str
+    model_dir: Path
+    tokens: TokenStore
+    r: redis.Redis
+    forwards: list[int]  # one entry per forward pass of the frozen stack: the compute a refusal must not reach
+
+
+@pytest.fixture
+def token_cloud(tiny_dir, redis_url) -> Iterator[TokenCloud]:
+    """A cloud with --auth token on 127.0.0.1:0, its token store, and a count of the stack's forward passes."""
+    model_dir = tiny_dir("llama")
+    server = CloudServer(DecoderStack(model_dir), ServeConfig(model=model_dir, redis_url=redis_url, auth="token"))
+    forwards: list[int] = []
+    server.servicer.stack.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    r = redis.Redis.from_url(redis_url)
+    yield TokenCloud(server, f"127.0.0.1:{server.port}", model_dir, TokenStore(r), r, forwards)
+    server.stop(0)
+
+
+class RawSession:
+    """A hand-driven session stream with the given token (None: no authorization metadata)."""
+
+    def __init__(self, address: str, token: str | None) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.channel = grpc.insecure_channel(address)
+        metadata = [("authorization", f"Bearer {token}")] if token else None
+        self.replies = pb_grpc.SplitTrainingStub(self.channel).Session(iter(self.q.get, None), timeout=60,
+                                                                       metadata=metadata)
+
+    def send(self, **kind) -> None:
+        self.q.put(pb.EdgeMessage(**kind))
+
+    def recv(self) -> pb.CloudMessage:
+        return next(self.replies)
+
+    def open(self, model_dir: Path, session_id: str = "") -> str:
+        self.send(hello=hello(model_dir, session_id))
+        return self.recv().welcome.session_id
+
+    def step(self, n: int) -> None:
+        """A forward step with every LoRA group absent: Hidden, then StepDone."""
+        self.send(step_begin=begin(n))
+        assert self.recv().WhichOneof("kind") == "hidden"
+        assert self.recv().WhichOneof("kind") == "step_done"
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.channel.close()
+
+
+def hello(model_dir: Path, session_id: str = "") -> pb.Hello:
+    return pb.Hello(protocol="dlora.v1", model_fingerprint=fingerprint(model_dir), session_id=session_id,
+                    targets=["self_attn.q_proj"], codec_up=pb.FLOAT32, codec_down=pb.FLOAT32)
+
+
+def begin(step: int) -> pb.StepBegin:
+    return pb.StepBegin(step=step, layer_roles=[pb.ABSENT] * L, embeddings=codecs.encode(torch.randn(1, 3, H), "float32"),
+                        attention_mask=codecs.encode(torch.ones(1, 3), "uint8"))
+
+
+def snapshot(r: redis.Redis) -> dict[bytes, object]:
+    """Every key of the Redis server and its whole value (TTLs aside)."""
+    read: dict[str, Callable[[bytes], object]] = {
+        "string": r.get, "hash": r.hgetall, "list": lambda k: r.lrange(k, 0, -1), "set": r.smembers,
+        "zset": lambda k: r.zrange(k, 0, -1, withscores=True), "stream": r.xrange}
+    return {k: read[r.type(k).decode()](k) for k in r.scan_iter(count=1000)}
+
+
+def refused(s: RawSession) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        s.recv()
+    s.close()
+    return err.value
+
+
+@pytest.mark.parametrize("who", ["missing", "wrong", "revoked", "another's session"])
+def test_refusals_compute_nothing_and_write_nothing(who, token_cloud):
+    """No token, a wrong one and a revoked one are UNAUTHENTICATED; a valid token resuming another token's
+    session is PERMISSION_DENIED. Each sends a Hello and a StepBegin at once, yet the stack never runs a
+    forward pass, Redis holds exactly the keys and values it held before, and the owner's stream goes on."""
+    c = token_cloud
+    owner = None
+    if who == "missing":
+        token, session_id = None, ""
+    elif who == "wrong":
+        token, session_id = "dlora_" + "x" * 43, ""
+    elif who == "revoked":
+        token, session_id = c.tokens.add("gone"), ""
+        c.tokens.revoke("gone")
+    else:
+        owner = RawSession(c.address, c.tokens.add("alice"))
+        session_id = owner.open(c.model_dir)
+        token = c.tokens.add("mallory")
+    before = snapshot(c.r)
+    s = RawSession(c.address, token)
+    s.send(hello=hello(c.model_dir, session_id))
+    s.send(step_begin=begin(0))
+    err = refused(s)
+    if owner is None:
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ("needs a device token" if who == "missing" else "wrong or revoked") in err.details()
+    else:
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "another device token" in err.details()
+    assert c.forwards == [] and snapshot(c.r) == before
+    if owner is not None:
+        owner.step(0)  # not superseded: the refused stream never took the session
+        owner.close()
+
+
+def test_health_needs_no_token(token_cloud, capsys):
+    """`dlora-cloud health` (no token) is answered by a cloud that requires tokens for sessions."""
+    assert cloud_main(["health", "--address", token_cloud.address]) == 0
+    assert capsys.readouterr().out.startswith("SERVING llama")
+
+
+def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, capsys):
+    """`dlora train --token-file` trains through the cloud, and the session record names the token; the same
+    command without a token fails in one line saying how to pass one (exit 3, the cloud refused)."""
+    from edge_client.app.cli import main as dlora_main
+
+    c = token_cloud
+    token_file = tmp_path / "device.token"
+    token_file.write_text(c.tokens.add("jetson-1") + "\n")
+    token_file.chmod(0o600)
+    argv = ["train", "--cloud", c.address, "--model", str(c.model_dir), "--data", str(data_file), "--epochs", "1",
+            "--no-progress", "--connect-timeout", "5"]
+    assert dlora_main([*argv, "--output", str(tmp_path / "a"), "--token-file", str(token_file)]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    owned = [k.decode().removeprefix("dlora:session:") for k in c.r.scan_iter("dlora:session:*")
+             if c.r.hget(k, "owner") == b"jetson-1"]
+    assert len(owned) == 1 and re.fullmatch("[0-9a-f]{32}", owned[0])
+    assert dlora_main([*argv, "--output", str(tmp_path / "b")]) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dlora")]
+    assert len(err) == 1 and "needs a device token" in err[0] and "--token-file" in err[0], err
+
+
+def test_revoking_a_token_stops_its_stream_at_the_next_step(token_cloud):
+    """A stream that stepped with a token ends UNAUTHENTICATED at its first StepBegin after `token revoke`,
+    and that step computes nothing."""
+    c = token_cloud
+    s = RawSession(c.address, c.tokens.add("laptop"))
+    s.open(c.model_dir)
+    s.step(0)
+    done = len(c.forwards)
+    c.tokens.revoke("laptop")
+    s.send(step_begin=begin(1))
+    err = refused(s)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "'laptop' was revoked" in err.details()
+    assert len(c.forwards) == done
+
+
+def test_a_new_stream_with_the_owning_token_supersedes_the_old(token_cloud):
+    """The device comes back on a new stream (as after a half-open connection): the old stream ends ABORTED
+    without sending anything more, and the new one continues the same session. Health counts one session."""
+    c = token_cloud
+    token = c.tokens.add("edge-box")
+    old = RawSession(c.address, token)
+    session_id = old.open(c.model_dir)
+    old.step(0)
+    new = RawSession(c.address, token)
+    assert new.open(c.model_dir, session_id) == session_id
+    err = refused(old)
+    assert err.code() == grpc.StatusCode.ABORTED and "newer stream" in err.details()
+    new.step(1)
+    health = pb_grpc.SplitTrainingStub(grpc.insecure_channel(c.address)).Health(pb.HealthRequest(), timeout=10)
+    assert health.open_sessions == 1
+    new.close()
+
+
+def test_session_ids_are_128_bits_and_old_ones_are_refused(token_cloud):
+    """A new session's id is 32 hex digits (128 random bits); resuming an old 12-hex-digit (48-bit) id is
+    refused with a one-line reason and writes nothing; an id of another shape is INVALID_ARGUMENT."""
+    c = token_cloud
+    token = c.tokens.add("dev")
+    s = RawSession(c.address, token)
+    assert re.fullmatch("[0-9a-f]{32}", s.open(c.model_dir))
+    s.close()
+    before = snapshot(c.r)
+    for bad, code, words in (("0123456789ab", grpc.StatusCode.FAILED_PRECONDITION, "old 48-bit id"),
+                             ("../../x", grpc.StatusCode.INVALID_ARGUMENT, "32 hex digits")):
+        s = RawSession(c.address, token)
+        s.send(hello=hello(c.model_dir, bad))
+        err = refused(s)
+        assert err.code() == code and words in err.details() and "start a new session" in err.details()
+        assert "\n" not in err.details()
+    assert snapshot(c.r) == before
+
+
+def test_the_token_commands_show_a_secret_once_and_store_only_its_hash(redis_url, tmp_path, capsys):
+    """`dlora-cloud token add` prints a 256-bit secret once; `list` shows names, never secrets; `revoke` removes
+    it; a duplicate name, an unknown name and an unreachable Redis are one-line errors (exit 2). No key or
+    value anywhere in Redis holds the secret."""
+    r = redis.Redis.from_url(redis_url)
+    rc = cloud_main(["token", "add", "phone-7", "--redis-url", redis_url])
+    out = capsys.readouterr()
+    secret = out.out.strip()
+    assert rc == 0 and re.fullmatch(r"dlora_[A-Za-z0-9_-]{43}", secret) and "only this once" in out.err
+    assert secret.encode() not in repr(snapshot(r)).encode()
+    assert all(secret.encode() not in k for k in r.scan_iter(count=1000))
+    assert cloud_main(["token", "list", "--redis-url", redis_url]) == 0
+    listed = capsys.readouterr().out
+    assert "phone-7" in listed and secret not in listed and secret[6:20] not in listed
+    for argv, words in ((["add", "phone-7"], "exists"), (["revoke", "nobody"], "no token named")):
+        assert cloud_main(["token", *argv, "--redis-url", redis_url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err
+    assert cloud_main(["token", "revoke", "phone-7", "--redis-url", redis_url]) == 0
+    capsys.readouterr()
+    assert cloud_main(["token", "list", "--redis-url", redis_url]) == 0
+    assert "phone-7" not in capsys.readouterr().out
+    assert cloud_main(["token", "list", "--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot reach" in err and "--redis-url" in err
+
+
+@pytest.mark.parametrize("host,auth,insecure,expect", [
+    ("127.0.0.1", None, False, "none"), ("localhost", None, False, "none"), ("0.0.0.0", None, False, "token"),
+    ("10.1.2.3", "token", False, "token"), ("127.0.0.1", "token", False, "token"),
+    ("0.0.0.0", "none", True, "none"), ("0.0.0.0", "none", False, "--insecure"),
+])
+def test_auth_defaults_to_token_off_loopback(host, auth, insecure, expect, tmp_path):
+    """--auth left unset means none on loopback and token elsewhere; none off loopback needs --insecure."""
+    config = ServeConfig(model=tmp_path, host=host, auth=auth, insecure=insecure)
+    if expect.startswith("--"):
+        with pytest.raises(ConfigError, match="--auth none on --host 0.0.0.0 .*--insecure"):
+            auth_mode(config)
+    else:
+        assert auth_mode(config) == expect
