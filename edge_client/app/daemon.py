@@ -3,7 +3,11 @@
 Each session lives in STATE_DIR/sessions/ID (request.json, status.json, log.txt, checkpoints/) and
 runs in its own process (edge_client.app.session_runner). A daemon that starts (or restarts after a
 crash) resumes every session that was queued or running from its last checkpoint. The control API is
-the gRPC service dlora.v1.EdgeControl on a unix socket (default) or 127.0.0.1:PORT.
+the gRPC service dlora.v1.EdgeControl on a unix socket (default) or a loopback TCP port.
+
+Who may use it: the socket is created mode 0600 (0660 and chgrp'd with --socket-group), its mode set
+race-free (bound under umask 0177, then chmod), and the state dir is 0700. A TCP port on loopback is
+open to every local user: for a single-user machine only. What they may ask for: admission.py.
 """
 
 from __future__ import annotations
@@ -17,21 +21,24 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 
+from common.errors import ConfigError
 from common.pb.dlora.v1 import edge_control_pb2 as pb
 from common.pb.dlora.v1 import edge_control_pb2_grpc as pb_grpc
 from common.tuning import tune_process
+from edge_client.app import admission
+from edge_client.app.admission import OutsideRootsError, admit, check_session_id, new_session_id, request_json
 from edge_client.app.session_runner import read_status, write_status
 
 log = logging.getLogger("dlora.daemon")
 _STATUS_FIELDS = {f.name for f in pb.SessionStatus.DESCRIPTOR.fields}
 ACTIVE_STATES = ("queued", "running", "stopping")
+MAX_REQUEST_BYTES = 1 << 20  # a control message (a session config is a few kB)
 
 
 def default_state_dir() -> Path:
@@ -64,32 +71,57 @@ def _kill_orphan(pid: int | None, session_dir: Path) -> None:
 class Sessions:
     """The state dir's sessions and their runner processes."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, roots: Sequence[Path]) -> None:
         self.root = state_dir / "sessions"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.roots = tuple(roots)  # what session configs may name (admission.py)
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
     def dir(self, session_id: str) -> Path:
-        path = self.root / session_id
-        if not session_id or "/" in session_id or not path.is_dir():
+        """The folder of an existing session.
+
+        Raises:
+            ConfigError: not an id of the daemon's format (".", "..", a path...).
+            KeyError: no such session.
+        """
+        path = self.root / check_session_id(session_id)
+        if not path.is_dir():
             raise KeyError(session_id)
         return path
 
     def submit(self, config_json: str, kind: str) -> dict:
-        session_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        """Admit a session config (nothing is written if it is refused), record it and start its process.
+
+        Raises:
+            ConfigError: the config is refused (OutsideRootsError for a path outside the allowed roots).
+        """
+        cfg = admit(config_json, kind, self.roots)
+        session_id = new_session_id()
         path = self.root / session_id
-        path.mkdir()
-        (path / "request.json").write_text(json.dumps({"kind": kind, "config": json.loads(config_json)}, indent=1))
-        config = json.loads(config_json)
-        write_status(path, {"session_id": session_id, "state": "queued", "kind": kind, "epochs": config["epochs"],
-                            "output": config["output"], "created": time.time()})
+        path.mkdir(mode=0o700)
+        (path / "request.json").write_text(request_json(cfg, kind))
+        write_status(path, {"session_id": session_id, "state": "queued", "kind": kind, "epochs": cfg.epochs,
+                            "output": str(cfg.output), "created": time.time()})
         self.start(session_id)
         return read_status(path)
 
     def start(self, session_id: str) -> None:
+        """(Re)start a session's process, after admitting its request again: the roots may have changed.
+
+        Raises:
+            ConfigError: the stored request is refused now; the session is marked failed, saying why.
+        """
         path = self.dir(session_id)
         status = read_status(path)
+        try:
+            request = json.loads((path / "request.json").read_text())
+            admit(json.dumps(request["config"]), request["kind"], self.roots)
+        except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
+            error = e if isinstance(e, ConfigError) else ConfigError(f"session {session_id}: request.json is unreadable")
+            status.update(state="failed", error=str(error))
+            write_status(path, status)
+            raise error from None
         status.update(state="queued", error="")
         write_status(path, status)
         with self.lock:
@@ -132,7 +164,11 @@ class Sessions:
         for status in self.all():
             if status.get("state") in ACTIVE_STATES:
                 _kill_orphan(status.get("pid"), self.root / status["session_id"])
-                self.start(status["session_id"])
+                try:
+                    self.start(status["session_id"])
+                except (ConfigError, KeyError) as e:
+                    log.error("session %s not resumed: %s", status["session_id"], e)
+                    continue
                 resumed.append(status["session_id"])
         return resumed
 
@@ -144,14 +180,24 @@ class EdgeControlServicer(pb_grpc.EdgeControlServicer):
     def _lookup(self, session_id: str, context: grpc.ServicerContext) -> Path:
         try:
             return self.sessions.dir(session_id)
+        except ConfigError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}; `dlora list` shows them")
-            raise  # unreachable: abort raises
+        raise AssertionError("unreachable: abort raises")
+
+    @staticmethod
+    def _refuse(error: ConfigError, context: grpc.ServicerContext) -> None:
+        code = grpc.StatusCode.PERMISSION_DENIED if isinstance(error, OutsideRootsError) else grpc.StatusCode.INVALID_ARGUMENT
+        log.warning("refused: %s", error)
+        context.abort(code, str(error))
 
     def Submit(self, request: pb.SubmitRequest, context: grpc.ServicerContext) -> pb.SessionStatus:
-        if request.kind not in ("train", "local-train"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind must be train or local-train, not {request.kind!r}")
-        return to_message(self.sessions.submit(request.config_json, request.kind))
+        try:
+            return to_message(self.sessions.submit(request.config_json, request.kind))
+        except ConfigError as e:
+            self._refuse(e, context)
+        raise AssertionError("unreachable: abort raises")
 
     def Status(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.StatusReply:
         self.sessions.reap()
@@ -171,7 +217,10 @@ class EdgeControlServicer(pb_grpc.EdgeControlServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id} is already {state}")
         if state == "done":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id} is done; nothing to resume")
-        self.sessions.start(request.session_id)
+        try:
+            self.sessions.start(request.session_id)
+        except ConfigError as e:
+            self._refuse(e, context)
         return to_message(read_status(path))
 
     def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogLine]:
@@ -193,20 +242,24 @@ class EdgeControlServicer(pb_grpc.EdgeControlServicer):
                 time.sleep(0.2)
 
 
-def serve(state_dir: Path, listen: str) -> int:
+def serve(state_dir: Path, listen: str, roots: Sequence[Path], socket_group: str | None = None) -> int:
+    """Run the daemon until SIGINT or SIGTERM.
+
+    Raises:
+        ConfigError: a refused --listen, --socket-group or --state-dir (before anything is served).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if listen.startswith("unix:"):
-        Path(listen[5:]).unlink(missing_ok=True)
-    sessions = Sessions(state_dir)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    admission.check_listen(listen)
+    admission.state_dir(state_dir)
+    sessions = Sessions(state_dir, roots)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     pb_grpc.add_EdgeControlServicer_to_server(EdgeControlServicer(sessions), server)
-    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
-        print(f"dlora-edge: error: cannot listen on {listen}; pick another --listen", file=sys.stderr)
-        return 2
+    admission.bind(server, listen, socket_group)
     server.start()
     resumed = sessions.resume_interrupted()
-    print(f"dlora-edge daemon listening on {listen} (state in {state_dir})", flush=True)
+    print(f"dlora-edge daemon listening on {listen} (state in {state_dir}; sessions may use files under "
+          f"{', '.join(map(str, roots))})", flush=True)
     if resumed:
         print(f"resumed {len(resumed)} interrupted session(s): {', '.join(resumed)}", flush=True)
     stop = threading.Event()
@@ -224,7 +277,13 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run training sessions in the background")
     d.add_argument("--state-dir", type=Path, default=None, help="default $DLORA_EDGE_STATE or ~/.cache/dlora/edge")
     d.add_argument("--listen", default=None,
-                   help="unix:PATH or 127.0.0.1:PORT (default unix:STATE_DIR/daemon.sock)")
+                   help="unix:PATH or a loopback HOST:PORT such as 127.0.0.1:PORT (default unix:STATE_DIR/daemon.sock)")
+    d.add_argument("--socket-group", default=None, metavar="GROUP",
+                   help="make the unix socket mode 0660 and owned by GROUP, so its members can use the daemon "
+                        "(default: mode 0600, this user only)")
+    d.add_argument("--allow-root", type=Path, action="append", default=None, metavar="DIR",
+                   help="sessions may read data and write outputs only under DIR (repeatable; "
+                        "default: the home of the user running the daemon)")
     return p
 
 
@@ -232,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     tune_process()  # this process and, through GOMP_SPINCOUNT, its sessions: see common/tuning.py
     args = parser().parse_args(argv)
     state_dir = args.state_dir or default_state_dir()
-    return serve(state_dir, args.listen or default_address(state_dir))
+    try:
+        return serve(state_dir, args.listen or default_address(state_dir), admission.allowed_roots(args.allow_root),
+                     args.socket_group)
+    except ConfigError as e:
+        print(f"dlora-edge: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _by_epoch(root: Path) -> list[Path]:
+    """The checkpoint folders under root, oldest first by epoch NUMBER (as text, epoch-10000 < epoch-9999)."""
+    found = []
+    for folder in root.glob("epoch-*"):
+        number = folder.name.removeprefix("epoch-")
+        if number.isascii() and number.isdigit():
+            found.append((int(number), folder))
+    return [folder for _, folder in sorted(found)]
+
+
 def save(root: Path, named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
          state: TrainerState) -> Path:
     """Write checkpoint `epoch-NNNN` atomically and prune old ones; returns its folder."""
@@ -66,7 +76,7 @@ def save(root: Path, named_params: list[tuple[str, torch.nn.Parameter]], optimiz
     (tmp / "manifest.json").write_text(json.dumps({f: _sha256(tmp / f) for f in _FILES}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(root.glob("epoch-*"))[:-KEEP]:
+    for old in _by_epoch(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -110,7 +120,7 @@ class Checkpoint:
 
 def load_latest(root: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies; a damaged one is skipped with a warning naming it."""
-    for folder in sorted(root.glob("epoch-*"), reverse=True):
+    for folder in reversed(_by_epoch(root)):
         try:
             _verify(folder)
             fields = json.loads((folder / "trainer.json").read_text())
