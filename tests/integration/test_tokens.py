@@ -3,6 +3,7 @@ open, resume, take over and keep a session, and the `dlora-cloud token` commands
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 from collections.abc import Callable, Iterator
@@ -165,6 +166,55 @@ def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, c
     assert dlora_main([*argv, "--output", str(tmp_path / "b")]) == 3
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dlora")]
     assert len(err) == 1 and "needs a device token" in err[0] and "--token-file" in err[0], err
+
+
+def test_a_daemon_session_reads_the_token_file_it_was_given(token_cloud, tmp_path, data_file, monkeypatch):
+    """A detached session's request holds the token file's path, never the token; the session process
+    (session_runner.run, what the daemon starts) reads the file and trains through a --auth token cloud."""
+    import signal
+
+    from common.config import TrainConfig
+    from edge_client.app.session_runner import read_status, run
+
+    c = token_cloud
+    monkeypatch.delenv("DLORA_TOKEN", raising=False)
+    token_file = tmp_path / "device.token"
+    secret = c.tokens.add("daemon-box")
+    token_file.write_text(secret)
+    token_file.chmod(0o600)
+    cfg = TrainConfig(model=c.model_dir, data=data_file, output=tmp_path / "out", cloud=c.address, epochs=1,
+                      progress=False, token_file=token_file)
+    session_dir = tmp_path / "session"
+    session_dir.mkdir()
+    (session_dir / "request.json").write_text(json.dumps({"kind": "train", "config": json.loads(cfg.model_dump_json())}))
+    assert secret not in (session_dir / "request.json").read_text()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run(session_dir) == 0, read_status(session_dir)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert read_status(session_dir)["state"] == "done"
+
+
+@pytest.mark.parametrize("env,flag,words", [
+    ("dlora_from_env", None, "does not see this shell's $DLORA_TOKEN; pass --token-file"),
+    (None, "missing.token", "--token-file"),
+])
+def test_detach_refuses_a_token_the_daemon_cannot_read(env, flag, words, tiny_dir, tmp_path, data_file, monkeypatch,
+                                                       capsys):
+    """`dlora train --detach` with only $DLORA_TOKEN (the daemon has its own environment) or an unreadable
+    --token-file fails in one line (exit 2) before it contacts any daemon."""
+    from edge_client.app.cli import main as dlora_main
+
+    if env:
+        monkeypatch.setenv("DLORA_TOKEN", env)
+    else:
+        monkeypatch.delenv("DLORA_TOKEN", raising=False)
+    argv = ["--daemon", f"unix:{tmp_path / 'no-daemon.sock'}", "train", "--cloud", "127.0.0.1:1",
+            "--model", str(tiny_dir("llama")), "--data", str(data_file), "--output", str(tmp_path / "o"), "--detach"]
+    assert dlora_main([*argv, *(["--token-file", str(tmp_path / flag)] if flag else [])]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dlora")]
+    assert len(err) == 1 and words in err[0], err
 
 
 def test_revoking_a_token_stops_its_stream_at_the_next_step(token_cloud):
