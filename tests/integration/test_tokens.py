@@ -4,6 +4,7 @@ open, resume, take over and keep a session, and the `dlora-cloud token` commands
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import re
 from collections.abc import Callable, Iterator
@@ -147,14 +148,17 @@ def test_health_needs_no_token(token_cloud, capsys):
     assert capsys.readouterr().out.startswith("SERVING llama")
 
 
-def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, capsys):
-    """`dlora train --token-file` trains through the cloud, and the session record names the token; the same
-    command without a token fails in one line saying how to pass one (exit 3, the cloud refused)."""
+def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, capsys, caplog):
+    """`dlora train --token-file` trains through the cloud, and the session record names the token, while
+    neither Redis nor any log line (DEBUG included, both sides) holds the secret; the same command without
+    a token fails in one line saying how to pass one (exit 3, the cloud refused)."""
     from edge_client.app.cli import main as dlora_main
 
     c = token_cloud
+    caplog.set_level(logging.DEBUG)
     token_file = tmp_path / "device.token"
-    token_file.write_text(c.tokens.add("jetson-1") + "\n")
+    secret = c.tokens.add("jetson-1")
+    token_file.write_text(secret + "\n")
     token_file.chmod(0o600)
     argv = ["train", "--cloud", c.address, "--model", str(c.model_dir), "--data", str(data_file), "--epochs", "1",
             "--no-progress", "--connect-timeout", "5"]
@@ -163,6 +167,7 @@ def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, c
     owned = [k.decode().removeprefix("dlora:session:") for k in c.r.scan_iter("dlora:session:*")
              if c.r.hget(k, "owner") == b"jetson-1"]
     assert len(owned) == 1 and re.fullmatch("[0-9a-f]{32}", owned[0])
+    assert secret not in repr(snapshot(c.r)) and secret not in caplog.text
     assert dlora_main([*argv, "--output", str(tmp_path / "b")]) == 3
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dlora")]
     assert len(err) == 1 and "needs a device token" in err[0] and "--token-file" in err[0], err
