@@ -159,13 +159,14 @@ class CloudServer:
         self.redis, where = connect(config.redis_url, config.state_dir)
         log.info("Kill-and-Revive queue: %s", where)
         self.store = SessionStore(self.redis, config.session_ttl_s)
-        self.worker = SchedulerWorker(self.redis, self.store, f"{socket.gethostname()}-{os.getpid()}", config.claim_idle_s)
+        self.worker = SchedulerWorker(self.redis, self.store, f"{socket.gethostname()}-{os.getpid()}", config.claim_idle_s,
+                                      config.report_max_tries, config.reports_maxlen)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4),
             options=channel_options(config.max_message_mb),
             maximum_concurrent_rpcs=config.max_sessions + 4,
         )
-        self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store),
+        self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store, config.reports_maxlen),
                                               DeviceAuth(mode, TokenStore(self.redis)))
         log.info("device tokens: %s", "required (--auth token)" if mode == "token" else "not required (--auth none)")
         self.server.add_generic_rpc_handlers([handlers(self.servicer)])
