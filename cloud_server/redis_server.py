@@ -152,6 +152,8 @@ class EmbeddedRedis:
         pid: the redis-server's process id.
     """
 
+    pid: int
+
     def __init__(self, state_dir: Path, start_timeout_s: float = 60.0) -> None:
         """Lock the state dir and start the server; returns once it answers PING.
 
