@@ -30,6 +30,7 @@ from typing import Literal
 
 import redis
 
+from cloud_server.kr_queue import unavailable_on_redis_error
 from common.config import ServeConfig, field_default
 from common.errors import AuthError, ConfigError
 from common.net import is_loopback
@@ -44,17 +45,23 @@ def token_key(digest: str) -> str:
     return f"dlora:token:{digest}"
 
 
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (a client may or may not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def digest_of(secret: str) -> str:
     """SHA-256 hex of a token: all Redis ever holds of it (why not a slow hash: the module docstring)."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class TokenStore:
-    """The device tokens in Redis."""
+    """The device tokens in Redis. A Redis failure is an UnavailableError (UNAVAILABLE: the device retries)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
 
+    @unavailable_on_redis_error
     def add(self, name: str) -> str:
         """Make a token named `name`; returns the secret, which is nowhere else from now on.
 
@@ -75,14 +82,16 @@ class TokenStore:
             p.execute()
         return secret
 
+    @unavailable_on_redis_error
     def names(self) -> list[tuple[str, float]]:
         """(name, created) of every token, by name; never a secret (Redis holds none)."""
         out = []
         for name, digest in sorted(self.r.hgetall(INDEX).items()):
-            created = self.r.hget(token_key(digest.decode()), "created")
-            out.append((name.decode(), float(created or 0)))
+            created = self.r.hget(token_key(_text(digest)), "created")
+            out.append((_text(name), float(created or 0)))
         return out
 
+    @unavailable_on_redis_error
     def revoke(self, name: str) -> None:
         """Delete the token named `name`; its open streams end at their next step.
 
@@ -93,15 +102,17 @@ class TokenStore:
         if digest is None:
             raise ConfigError(f"no token named {name!r}; `dlora-cloud token list` shows the names")
         with self.r.pipeline(transaction=True) as p:
-            p.delete(token_key(digest.decode()))
+            p.delete(token_key(_text(digest)))
             p.hdel(INDEX, name)
             p.execute()
 
+    @unavailable_on_redis_error
     def name_of(self, secret: str) -> str | None:
         """The name of the token `secret`, None if it is no token (wrong or revoked)."""
         name = self.r.hget(token_key(digest_of(secret)), "name")
-        return None if name is None else name.decode()
+        return None if name is None else _text(name)
 
+    @unavailable_on_redis_error
     def exists(self, digest: str) -> bool:
         return bool(self.r.exists(token_key(digest)))
 
@@ -139,6 +150,7 @@ class DeviceAuth:
 
         Raises:
             AuthError: no token, or one this cloud does not know (wrong or revoked).
+            UnavailableError: Redis failed (the device retries).
         """
         if self.mode == "none":
             return Caller("")
@@ -159,6 +171,7 @@ class DeviceAuth:
 
         Raises:
             AuthError: it was revoked.
+            UnavailableError: Redis failed (the device retries).
         """
         if self.mode == "token" and not self.store.exists(caller.digest):
             raise AuthError(f"device token {caller.name!r} was revoked; ask the cloud's operator for a new one")

@@ -301,6 +301,21 @@ def test_the_token_commands_show_a_secret_once_and_store_only_its_hash(redis_url
     assert err.count("\n") == 0 and "cannot reach" in err and "--redis-url" in err
 
 
+def test_token_commands_reach_a_running_serve_through_its_state_dir(tiny_dir, tmp_path, capsys):
+    """With no --redis-url, `dlora-cloud token add --state-dir` reaches the embedded Redis of the serve running
+    on that state dir, and the token it prints opens a session there at once."""
+    model_dir, state = tiny_dir("llama"), tmp_path / "state"
+    server = CloudServer(DecoderStack(model_dir), ServeConfig(model=model_dir, state_dir=state, auth="token"))
+    try:
+        assert cloud_main(["token", "add", "box", "--state-dir", str(state)]) == 0
+        s = RawSession(f"127.0.0.1:{server.port}", capsys.readouterr().out.strip())
+        s.open(model_dir)
+        s.step(0)
+        s.close()
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize("host,auth,insecure,expect", [
     ("127.0.0.1", None, False, "none"), ("localhost", None, False, "none"), ("0.0.0.0", None, False, "token"),
     ("10.1.2.3", "token", False, "token"), ("127.0.0.1", "token", False, "token"),
