@@ -78,8 +78,9 @@ def connect(redis_url: str | None, state_dir: Path) -> tuple[CloudRedis, str]:
         client.embedded = server
         return client, f"the embedded Redis server (pid {server.pid}) on {server.socket}, data in {server.state_dir}"
     where = redact_url(redis_url)
-    client: CloudRedis = CloudRedis.from_url(redis_url,  # type: ignore[assignment] socket_connect_timeout=5, socket_timeout=REDIS_TIMEOUT_S,
-                                 socket_keepalive=True)
+    tcp = {} if redis_url.startswith("unix:") else {"socket_keepalive": True}  # a unix socket takes no keepalive
+    client: CloudRedis = CloudRedis.from_url(  # type: ignore[assignment]
+        redis_url, socket_connect_timeout=5, socket_timeout=REDIS_TIMEOUT_S, **tcp)
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
