@@ -1,4 +1,5 @@
-"""`dlora-cloud`: serve the frozen decoder stack of a model folder, or check a server's health."""
+"""`dlora-cloud`: serve the frozen decoder stack of a model folder, check a server's health, make TLS
+certificates (`tls init`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
+from cloud_server import tls_init
 from cloud_server.redis_server import redact_url, url_has_password
 from cloud_server.tokens import add_token_command, auth_mode, run_token
 from common.config import DEVICES, DTYPES, ServeConfig, field_default, flag_error
 from common.errors import ConfigError, DloraError
+from common.tls import add_client_flags, client_tls, handshake_problem, open_channel, server_credentials
 from common.tuning import tune_process
 
 log = logging.getLogger("dlora.cloud")
@@ -64,6 +67,12 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
                         "(default none on a loopback --host, token on any other)")
     s.add_argument("--insecure", action="store_true", default=None,
                    help="allow plaintext or --auth none on a non-loopback --host (anyone who reaches the port can train)")
+    s.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="serve TLS only, with this certificate (chain) (server.pem of `dlora-cloud tls init`) "
+                        "(default: plaintext, which a non-loopback --host refuses without --insecure)")
+    s.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                   help="mTLS: every client (Health included) must present a certificate this CA signed")
     s.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "INFO"), help="logging level (default INFO)")
 
 
@@ -79,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="ask a running server whether it is serving; exit 0 if so")
     h.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    add_client_flags(h)
+    tls_init.add_parser(sub)
     add_token_command(sub)
     return p
 
@@ -87,14 +98,17 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig for the serve flags; a flag left unset takes the config's default.
 
     Raises:
-        ConfigError: a flag value is invalid (one line naming it).
+        ConfigError: a flag value is invalid (one line naming it), a TLS file is missing or wrong, or plaintext
+            on a non-loopback --host without --insecure (checked here, before a model is loaded).
     """
     fields = ServeConfig.model_fields  # --step-timeout sets step_timeout_s (flag_error maps back)
     given = {f: v for flag, v in vars(args).items() if v is not None for f in (flag, flag + "_s") if f in fields}
     try:
-        return ServeConfig(**given)
+        config = ServeConfig(**given)
     except ValidationError as e:
         raise flag_error(e) from None
+    server_credentials(config)
+    return config
 
 
 def redis_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
@@ -143,12 +157,15 @@ def _health(args: argparse.Namespace) -> int:
     from common.pb.dlora.v1 import dlora_pb2 as pb
     from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    with open_channel(args.address, tls) as channel:
         try:
             reply = pb_grpc.SplitTrainingStub(channel).Health(pb.HealthRequest(), timeout=args.timeout)
         except grpc.RpcError as e:
-            print(f"dlora-cloud health: {args.address} is not serving ({e.code().name}); start `dlora-cloud serve`",
-                  file=sys.stderr)
+            unavailable = e.code() == grpc.StatusCode.UNAVAILABLE  # a TLS mismatch too: say which flag to fix
+            problem = handshake_problem(e.details() or "", args.address, tls) if unavailable else None
+            reason = problem or f"{args.address} is not serving ({e.code().name}); start `dlora-cloud serve`"
+            print(f"dlora-cloud health: {reason}", file=sys.stderr)
             return 1
     print(f"{reply.status} {reply.model_type} {reply.model_fingerprint} sessions={reply.open_sessions}")
     return 0
@@ -165,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             args.redis_url = redis_url(args, os.environ)
         if args.command == "token":
             return run_token(args)
+        if args.command == "tls":
+            return tls_init.run(args)
         return _serve(args) if args.command == "serve" else _health(args)
     except DloraError as e:
         print(f"dlora-cloud: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from common.config import ServeConfig
 from common.errors import AccessError, ConfigError, DloraError, ProtocolError, SessionError, SupersededError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.tls import describe_transport, server_credentials
 from common.wire import frames
 from common.wire.frames import Frame
 from common.wire.protocol import PROTOCOL, SESSION_ID_HEX, channel_options
@@ -152,10 +153,11 @@ class CloudServer:
         """Start serving.
 
         Raises:
-            ConfigError: the address cannot be bound, Redis cannot be reached, or --auth none off loopback
-                without --insecure.
+            ConfigError: the address cannot be bound, Redis cannot be reached, --auth none or plaintext off
+                loopback without --insecure, or a TLS file is missing or wrong (common.tls).
         """
         mode = auth_mode(config)
+        credentials = server_credentials(config)  # checks the PEM files and the plaintext rule before any work
         self.redis, where = connect(config.redis_url, config.state_dir)
         log.info("Kill-and-Revive queue: %s", where)
         self.store = SessionStore(self.redis, config.session_ttl_s)
@@ -171,11 +173,14 @@ class CloudServer:
         log.info("device tokens: %s", "required (--auth token)" if mode == "token" else "not required (--auth none)")
         self.server.add_generic_rpc_handlers([handlers(self.servicer)])
         try:
-            self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+            address = f"{config.host}:{config.port}"  # TLS only when configured: no plaintext port beside it
+            self.port = (self.server.add_secure_port(address, credentials) if credentials
+                         else self.server.add_insecure_port(address))
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {config.host}:{config.port} ({e}); pick another --port") from e
         if self.port == 0:
             raise ConfigError(f"cannot listen on {config.host}:{config.port}; pick another --port or --host")
+        log.info("transport: %s", describe_transport(config))
         self.worker.start()
         self.server.start()
 

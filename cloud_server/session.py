@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,18 +20,22 @@ from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack
 from cloud_server.step import StepRun
 from cloud_server.stream import EdgeStream
+from common.config import ServeConfig
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig
 from common.wire import codecs
 from common.wire.frames import Frame
-from common.wire.protocol import DEFAULT_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
+from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
 
 log = logging.getLogger(__name__)
 
-MAX_MICRO_BATCHES_IN_FLIGHT = 8  # per session, before further micro-batches queue for a compute thread
 STEP_REPLIES = ("lora_delta", "hidden_grad", "lora_grad")  # the edge's answers inside a running micro-batch
+
+
+class _Wake(Exception):
+    """Put on a stream's inbox when its last running micro-batch ends: the session loop's wait starts over."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
         kill_threshold=hello.kill_threshold or None,
     )
     block = hello.block_size_down or DEFAULT_BLOCK_SIZE
+    if block > MAX_BLOCK_SIZE:  # what this cloud would encode with, and what the edge would refuse
+        raise ProtocolError(f"block_size_down {block}: int8 blocks hold at most {MAX_BLOCK_SIZE} elements")
     return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr)
 
 
@@ -103,7 +110,7 @@ def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeou
         revived=decision["revived"], next_active=decision["next_active"]))
 
 
-def compute_pool(max_sessions: int) -> ThreadPoolExecutor:
+def compute_pool(max_sessions: int, max_micro_batches: int) -> ThreadPoolExecutor:
     """The threads that run micro-batches, shared by all sessions and kept for the server's life.
 
     Reused threads matter on a CPU: measured alone, the bench model's forward and backward ran ~1.4x
@@ -111,16 +118,18 @@ def compute_pool(max_sessions: int) -> ThreadPoolExecutor:
     new malloc arena, so its activations are page-faulted in again). Idle threads are reused; new ones
     are made only while all are busy.
     """
-    return ThreadPoolExecutor(max_workers=max_sessions * MAX_MICRO_BATCHES_IN_FLIGHT, thread_name_prefix="dlora-step")
+    return ThreadPoolExecutor(max_workers=max_sessions * max_micro_batches, thread_name_prefix="dlora-step")
 
 
 class _Dispatcher:
     """Routes one session's incoming messages by kind, and tracks its running micro-batches."""
 
-    def __init__(self, stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue,
+    def __init__(self, stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limits: ServeConfig, kr: KRQueue,
                  pool: ThreadPoolExecutor) -> None:
-        self.stream, self.stack, self.spec, self.max_tokens, self.kr, self.pool = stream, stack, spec, max_tokens, kr, pool
+        self.stream, self.stack, self.spec, self.limits, self.kr, self.pool = stream, stack, spec, limits, kr, pool
         self.running: dict[tuple[int, int], StepRun] = {}  # (step, micro-batch) -> its run
+        self.tokens: dict[tuple[int, int], int] = {}  # (step, micro-batch) -> B x T of each running one
+        self.quiet_since = time.monotonic()  # the edge's last message, or the last micro-batch's end
         self.lock = threading.Lock()  # guards `running` and `failures`: micro-batches end on pool threads
         self.failures: list[BaseException] = []  # errors of micro-batches that end the session
         self.handlers: dict[str, Callable[[Frame], None]] = {
@@ -139,6 +148,21 @@ class _Dispatcher:
         if handler is None:
             raise ProtocolError(f"unexpected {msg.kind} in a session")
         handler(msg)
+
+    def patience(self) -> tuple[float, str]:
+        """How long to wait for the edge's next message, and the limit that says so: --step-timeout while
+        micro-batches run; between steps, what is left of --idle-timeout since the session went quiet
+        (its last message, or its last micro-batch's end, which wakes the loop: `_finished`)."""
+        with self.lock:
+            if self.running:
+                return self.limits.step_timeout_s, f"--step-timeout ({self.limits.step_timeout_s:g}s)"
+            left = self.limits.idle_timeout_s - (time.monotonic() - self.quiet_since)
+        return max(left, 0.0), f"--idle-timeout ({self.limits.idle_timeout_s:g}s between steps)"
+
+    def heard(self) -> None:
+        """The edge sent a message: the idle clock starts again."""
+        with self.lock:
+            self.quiet_since = time.monotonic()
 
     def raise_failure(self) -> None:
         """Re-raise the first error that ended a micro-batch and must end the session."""
@@ -162,15 +186,45 @@ class _Dispatcher:
         with self.lock:
             if key in self.running:
                 raise ProtocolError(f"step {body.step} micro-batch {body.micro_batch} is already running")
-            run = StepRun(msg, self.spec, self.stream, self.stack, self.max_tokens, self._finished)
-            self.running[key] = run
+            tokens, refusal = self._over_limit(body)
+            if refusal is None:
+                run = StepRun(msg, self.spec, self.stream, self.stack, self.limits.max_tokens, self._finished)
+                self.running[key], self.tokens[key] = run, tokens
+        if refusal is not None:
+            log.warning("session %s: %s", self.spec.session_id, refusal)
+            self.stream.send(pb.CloudMessage(step_error=pb.StepError(
+                step=body.step, micro_batch=body.micro_batch, code="RESOURCE_EXHAUSTED", message=refusal)))
+            return
         self.pool.submit(run.run)
+
+    def _over_limit(self, begin: pb.StepBegin) -> tuple[int, str | None]:
+        """(B x T of this micro-batch, why it is refused or None): over --max-micro-batches running, or over
+        --max-tokens in flight with the session's running ones (a step's micro-batches together). Reads
+        only the header's shape, before anything is allocated; a malformed shape counts 0 and is refused
+        by check_begin. Call with the lock held."""
+        where = f"step {begin.step} micro-batch {begin.micro_batch}"
+        if len(self.running) >= self.limits.max_micro_batches:
+            return 0, (f"{where}: {len(self.running)} micro-batches of this session are already running, the most "
+                       "this cloud takes (--max-micro-batches); use fewer --micro-batches")
+        shape = begin.embeddings.shape
+        tokens = shape[0] * shape[1] if len(shape) == 3 and shape[0] > 0 and shape[1] > 0 else 0
+        in_flight = tokens + sum(self.tokens.values())
+        if in_flight > self.limits.max_tokens:
+            return tokens, (f"{where}: {in_flight} tokens (B x T) in flight, this cloud takes at most "
+                            f"{self.limits.max_tokens} per session (--max-tokens); lower --batch-size or --max-length")
+        return tokens, None
 
     def _finished(self, run: StepRun) -> None:
         with self.lock:
             self.running.pop(run.key, None)
+            self.tokens.pop(run.key, None)
             if run.failure is not None:
                 self.failures.append(run.failure)
+            quiet = not self.running
+            if quiet:
+                self.quiet_since = time.monotonic()
+        if quiet:  # the loop may be waiting --step-timeout: it waits --idle-timeout from now instead
+            self.stream.interrupt(_Wake())
 
     def _deliver(self, msg: Frame) -> None:
         """Hand an edge reply to the micro-batch it names (ignored, with a warning, if none runs)."""
@@ -195,20 +249,31 @@ class _Dispatcher:
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))
 
 
-def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, max_tokens: int, kr: KRQueue,
+def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limits: ServeConfig, kr: KRQueue,
                 pool: ThreadPoolExecutor, before_step: Callable[[], None] | None = None) -> None:
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
     Bad input abandons one micro-batch (or report), not the session. `before_step` runs before every
     StepBegin is dispatched (the device token's check: what it raises ends the session).
 
+    `limits` is the serve config: --max-tokens and --max-micro-batches refuse a micro-batch (RESOURCE_EXHAUSTED
+    in its StepError), --idle-timeout ends a stream silent between steps, --step-timeout one silent in a step.
+
     Raises:
-        SessionError: the edge went silent in the middle of a step.
-        ProtocolError: a message that has no place in a running session.
+        SilenceError: the edge went silent (DEADLINE_EXCEEDED).
+        ProtocolError: a message that has no place in a running session, or one that could not be parsed.
     """
-    session = _Dispatcher(stream, stack, spec, max_tokens, kr, pool)
+    session = _Dispatcher(stream, stack, spec, limits, kr, pool)
     try:
-        while (msg := stream.recv()) is not None:
+        while True:
+            try:
+                msg = stream.recv(*session.patience())
+            except _Wake:
+                session.raise_failure()  # a micro-batch's error that ends the session ends it now
+                continue
+            if msg is None:
+                break
+            session.heard()
             session.raise_failure()
             if before_step is not None and msg.kind == "step_begin":
                 before_step()

@@ -26,7 +26,7 @@ import torch
 
 from cloud_server.stack import DecoderStack, active_step
 from cloud_server.stream import EdgeStream
-from common.errors import ProtocolError, SessionError
+from common.errors import LimitError, ProtocolError, SessionError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
 from common.wire.frames import Frame
@@ -61,6 +61,7 @@ def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack,
 
     Raises:
         ProtocolError: any mismatch with what the model and session expect.
+        LimitError: more than max_tokens tokens (B x T).
     """
     begin: pb.StepBegin = frame.body
     if len(begin.layer_roles) != stack.num_layers:
@@ -68,8 +69,10 @@ def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack,
     if len(begin.embeddings.shape) != 3:
         raise ProtocolError(f"embeddings must be (B, T, E), got shape {tuple(begin.embeddings.shape)}")
     b, t = int(begin.embeddings.shape[0]), int(begin.embeddings.shape[1])
-    if b < 1 or t < 1 or b * t > max_tokens:
-        raise ProtocolError(f"embeddings of {b}x{t} tokens: need 1..{max_tokens} tokens per micro-batch")
+    if b < 1 or t < 1:
+        raise ProtocolError(f"embeddings of {b}x{t} tokens: need at least one token")
+    if b * t > max_tokens:
+        raise LimitError(f"embeddings of {b}x{t} tokens: this cloud takes at most {max_tokens} (--max-tokens)")
     if stack.max_positions and t > stack.max_positions:
         raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
     # (B, T, E)
@@ -118,10 +121,10 @@ class StepRun:
             self._execute(emb, mask)
             self.stream.send(pb.CloudMessage(step_done=pb.StepDone(
                 step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started)))
-        except ProtocolError as e:
+        except (ProtocolError, LimitError) as e:
             log.warning("session %s step %d/%d: %s", self.spec.session_id, self.step, self.mb, e)
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(
-                step=self.step, micro_batch=self.mb, code="INVALID_ARGUMENT", message=str(e))))
+                step=self.step, micro_batch=self.mb, code=status_of(e).name, message=str(e))))
         except _StreamClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the session loop, which ends the session

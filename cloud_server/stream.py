@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from common.errors import SessionError
+from common.errors import SilenceError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire.frames import Frame
 
@@ -57,17 +57,23 @@ class EdgeStream:
         while (msg := self.outbox.get()) is not _END:
             yield msg  # type: ignore[misc]
 
-    def recv(self) -> Frame | None:
+    def recv(self, timeout_s: float | None = None, limit: str | None = None) -> Frame | None:
         """The next edge message, None at end of stream.
 
+        Args:
+            timeout_s: how long to wait (default reply_timeout_s); `limit` names the flag that set it and its
+                value, for the error (default --step-timeout's).
+
         Raises:
-            SessionError: the edge sent nothing for reply_timeout_s.
-            Exception: what `interrupt` was given.
+            SilenceError: the edge sent nothing for that long (DEADLINE_EXCEEDED).
+            Exception: what `interrupt` was given, or a request that could not be parsed (ProtocolError).
         """
+        wait = self.reply_timeout_s if timeout_s is None else timeout_s
         try:
-            msg = self.inbox.get(timeout=self.reply_timeout_s)
+            msg = self.inbox.get(timeout=wait)
         except queue.Empty:
-            raise SessionError(f"the edge sent nothing for {self.reply_timeout_s:.0f}s; closing the session") from None
+            limit = limit or f"--step-timeout ({self.reply_timeout_s:g}s)"
+            raise SilenceError(f"the edge sent nothing within {limit}; closing the stream") from None
         if isinstance(msg, Exception):
             raise msg
         return None if msg is _END else msg  # type: ignore[return-value]

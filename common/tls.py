@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +146,8 @@ class ClientTLS:
     ca: bytes  # the CA that signed the cloud's certificate (--tls-ca)
     cert: bytes | None = None  # this device's certificate chain, for mTLS (--tls-cert)
     key: bytes | None = None  # its private key (--tls-key)
+    cert_file: Path | None = None  # where cert and key came from: tls_probe presents them too (ssl takes files)
+    key_file: Path | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
@@ -164,7 +168,7 @@ def client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = Non
             raise ConfigError("--tls-cert and --tls-key need --tls-ca: the CA that signed the cloud's certificate")
         return None
     pair = key_pair(cert, key, "--tls-cert", "--tls-key") if cert and key else None
-    return ClientTLS(read_ca(ca, "--tls-ca"), pair[1] if pair else None, pair[0] if pair else None)
+    return ClientTLS(read_ca(ca, "--tls-ca"), pair[1] if pair else None, pair[0] if pair else None, cert, key)
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -183,9 +187,43 @@ def open_channel(address: str, tls: ClientTLS | None, options: list[tuple[str, i
     return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
+def tls_probe(address: str, tls: ClientTLS | None, timeout_s: float = 2.0) -> str:
+    """What the peer at HOST:PORT does with a TLS handshake of our own (stdlib ssl), presenting this device's
+    certificate if it has one; used only after gRPC saw a connection closed at once, which alone cannot tell
+    a TLS cloud from a proxy whose cloud is down. The probe asks whether, not whom: it verifies nothing.
+
+    Returns:
+        "tls": it completed the handshake and spoke HTTP/2; "mtls": it completed the handshake and then hung
+        up (it wants a client certificate, or not this one); "plain": it answered, not in TLS; "closed": it hung
+        up before answering (or the address is not HOST:PORT, or nothing listens).
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return "closed"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    if tls is not None and tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw) as conn:
+            try:
+                return "tls" if conn.recv(1) else "mtls"  # a gRPC server sends its SETTINGS frame at once
+            except (ssl.SSLError, ConnectionError):
+                return "mtls"
+            except TimeoutError:
+                return "tls"
+    except ssl.SSLError as e:
+        return "closed" if isinstance(e, ssl.SSLEOFError) else "plain"
+    except OSError:
+        return "closed"
+
+
 def handshake_problem(details: str, address: str, tls: ClientTLS | None) -> str | None:
     """One line naming what a failed connection's gRPC details say about TLS and the flag to fix, or None
-    when they say nothing about TLS (the cloud is down, unreachable, or refused the connection)."""
+    when they say nothing about TLS (the cloud is down, unreachable, or refused the connection). A connection
+    closed at once is looked at closer with tls_probe."""
     if "WRONG_VERSION_NUMBER" in details:
         return (f"TLS handshake with {address} failed: the cloud does not speak TLS there; drop --tls-ca, or serve "
                 "with --tls-cert and --tls-key")
@@ -197,9 +235,12 @@ def handshake_problem(details: str, address: str, tls: ClientTLS | None) -> str 
         return (f"TLS handshake with {address} failed: the cloud's certificate does not name {host}; dial a name it "
                 f"holds, or make it with `dlora-cloud tls init DIR --host {host}`")
     if "Socket closed" in details or "Connection reset" in details:
-        if tls is None:
-            return (f"{address} closed the connection at once: the cloud probably serves TLS; pass --tls-ca (the CA "
-                    "that signed its certificate, ca.pem of `dlora-cloud tls init`)")
+        peer = tls_probe(address, tls)
+        if tls is None and peer in ("tls", "mtls"):
+            return (f"{address} serves TLS and this device spoke plaintext: pass --tls-ca (the CA that signed its "
+                    "certificate, ca.pem of `dlora-cloud tls init`)")
+        if tls is None or peer != "mtls":
+            return None  # the cloud, or a proxy before it, hung up: not a TLS matter; try again
         if tls.cert is None:
             return (f"TLS handshake with {address} failed: the cloud requires a client certificate (mTLS); pass "
                     "--tls-cert and --tls-key")
@@ -214,6 +255,14 @@ def _transport_failed(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE and any(
         s in details for s in ("failed to connect", "Socket closed", "Connection reset", "DNS resolution failed",
                                "handshake", "Handshake"))
+
+
+def _connected(channel: grpc.Channel) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.05)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 def wait_ready(channel: grpc.Channel, address: str, tls: ClientTLS | None, timeout_s: float) -> None:
@@ -234,6 +283,8 @@ def wait_ready(channel: grpc.Channel, address: str, tls: ClientTLS | None, timeo
         except grpc.RpcError as e:
             if not _transport_failed(e) and e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 return  # the cloud answered (UNIMPLEMENTED, UNAUTHENTICATED, ...): the transport works
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _connected(channel):
+                return  # connected, but Health is slow to answer: the session's own deadlines take over
             last = e.details() or e.code().name
             problem = handshake_problem(last, address, tls)
             if problem is not None:

@@ -7,7 +7,6 @@ device token when --token-file is not given).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from common.config import (
     flag_error,
 )
 from common.errors import ConfigError, DloraError, RemoteError
+from common.tls import add_client_flags, client_tls
 from common.tuning import tune_process
 from common.wire.protocol import WIRE_CODECS
 from edge_client.app.control import COMMANDS as CONTROL_COMMANDS
@@ -63,6 +63,7 @@ def _wire_flags(p: argparse.ArgumentParser) -> None:
 def _split_flags(p: argparse.ArgumentParser) -> None:
     """`dlora train`'s flags that local-train lacks: the cloud and the link to it."""
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
+    add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key
     _wire_flags(p)
     p.add_argument("--micro-batches", type=int, default=None,
                    help=f"split each batch into M micro-batches that overlap on the wire (default {_default('micro_batches')})")
@@ -147,6 +148,7 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
+    add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder from `dlora train` (default: base model)")
     p.add_argument("--data", type=Path, default=None, help='JSONL: {"prompt", "choices", "answer"} per line')
@@ -202,6 +204,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-device", default=None, choices=DEVICES,
                    help=f"where the cloud runs (default {_default('device', ServeConfig)})")
     p.add_argument("--cloud-dtype", default=None, choices=DTYPES, help=f"default {_default('dtype', ServeConfig)}")
+    p.add_argument("--tls", action="store_true", help="the bench's cloud serves TLS (a temporary `tls init` set): its cost")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here")
 
@@ -256,6 +259,7 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
         raise ConfigError(f"--output {cfg.output} already holds an adapter; choose another folder or pass --overwrite")
     if not cfg.data.is_file():
         raise ConfigError(f"--data {cfg.data}: no such file")
+    client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)  # the TLS files, checked before any model loads
     return cfg
 
 
@@ -286,55 +290,15 @@ def _train(args: argparse.Namespace, split: bool) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from edge_client.app.evaluate import evaluate, load_items
-    from edge_client.remote.link import CloudLink, LinkConfig
-    from edge_client.remote.remote_step import RemoteStack
-    from edge_client.tools.tasks import TASK_NAMES, prepare_task
-    from edge_client.train.lora import LoraAdapter, read_adapter_config
-    from edge_client.train.model_parts import EdgeModel
+    from edge_client.app.evaluate import run_eval
+    from edge_client.remote.link import LinkConfig
 
-    if (args.data is None) == (args.tasks is None):
-        raise ConfigError("dlora eval needs exactly one of --data FILE or --tasks a,b")
-    if args.tasks:
-        names = list(TASK_NAMES) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        cache = args.cache_dir or default_cache()
-        sets = {name: load_items(prepare_task(name, cache) / "test.jsonl", args.limit) for name in names}
-    else:
-        sets = {args.data.stem: load_items(args.data, args.limit)}
-    adapter = None
-    if args.adapter is not None:
-        acfg = read_adapter_config(args.adapter)
-        edge = EdgeModel(args.model, tuple(acfg.get("target_modules") or ()) or None)
-        adapter = LoraAdapter(edge, int(acfg["r"]), float(acfg["lora_alpha"]), 0.0)
-        adapter.load(args.adapter)
-        adapter.eval()
-    else:
-        edge = EdgeModel(args.model)
     wire = _given(args.wire, "wire")
-    link = CloudLink(LinkConfig(address=args.cloud, codec_up=args.wire_up or wire, codec_down=args.wire_down or wire,
-                                int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size")),
-                                token=_device_token(args.token_file)),
-                     edge)
-    link.open()
-    results = {}
-    try:
-        for name, items in sets.items():
-            res = evaluate(edge, RemoteStack(link, adapter), items, max_length=_given(args.max_length, "max_length"),
-                           progress=not args.no_progress)
-            results[name] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
-                             "predictions": res.predictions}
-    finally:
-        link.close()
-    width = max(len(n) for n in results)
-    print(f"{'task':<{width}}  accuracy  items")
-    for name, r in results.items():
-        print(f"{name:<{width}}  {r['accuracy']:8.4f}  {r['total']:5d}")
-    if len(results) > 1:
-        mean = sum(r["accuracy"] for r in results.values()) / len(results)
-        print(f"{'mean':<{width}}  {mean:8.4f}")
-    if args.json:
-        args.json.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
-    return 0
+    link = LinkConfig(address=args.cloud, tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
+                      codec_up=args.wire_up or wire, codec_down=args.wire_down or wire,
+                      int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size")),
+                      token=_device_token(args.token_file))
+    return run_eval(args, args.cache_dir or default_cache(), link, _given(args.max_length, "max_length"))
 
 
 def _prepare(args: argparse.Namespace) -> int:

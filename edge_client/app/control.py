@@ -80,7 +80,9 @@ def describe(s: pb.SessionStatus) -> str:
 
 def submit(address: str | None, cfg: TrainConfig, kind: str) -> int:
     cfg = cfg.model_copy(update={"model": cfg.model.resolve(), "data": cfg.data.resolve(),
-                                 "output": cfg.output.resolve(), "progress": False})
+                                 "output": cfg.output.resolve(), "progress": False,
+                                 **{f: getattr(cfg, f).resolve() for f in ("tls_ca", "tls_cert", "tls_key")
+                                    if getattr(cfg, f) is not None}})  # the daemon works in another folder
     stub, where, channel = _stub(address)
     with channel:
         status = _call(stub.Submit, pb.SubmitRequest(config_json=cfg.model_dump_json(), kind=kind))

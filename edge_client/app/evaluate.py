@@ -7,6 +7,8 @@ the cloud in one batched forward; only the hidden rows that predict choice token
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from common.errors import ConfigError
 from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.remote.link import CloudLink, LinkConfig
 from edge_client.remote.remote_step import RemoteStack
 from edge_client.train.data import read_jsonl
 from edge_client.train.model_parts import EdgeModel
@@ -97,3 +100,52 @@ def evaluate(edge: EdgeModel, stack: RemoteStack, items: list[Item], *, max_leng
             k += n
     correct = sum(int(p == it.answer) for p, it in zip(preds, items))
     return EvalResult(correct / max(len(items), 1), correct, len(items), preds)
+
+
+def run_eval(args: argparse.Namespace, cache: Path, link_config: LinkConfig, max_length: int) -> int:
+    """`dlora eval`: the items of --data or --tasks (prepared in `cache`), scored through the cloud of
+    `link_config` with --adapter if given; prints a task x accuracy table, writes --json.
+
+    Raises:
+        ConfigError: neither or both of --data and --tasks, a bad item, adapter or model folder.
+        RemoteError, ProtocolError: the cloud failed or sent something unexpected.
+    """
+    from edge_client.tools.tasks import TASK_NAMES, prepare_task
+    from edge_client.train.lora import LoraAdapter, read_adapter_config
+
+    if (args.data is None) == (args.tasks is None):
+        raise ConfigError("dlora eval needs exactly one of --data FILE or --tasks a,b")
+    if args.tasks:
+        names = list(TASK_NAMES) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        sets = {name: load_items(prepare_task(name, cache) / "test.jsonl", args.limit) for name in names}
+    else:
+        sets = {args.data.stem: load_items(args.data, args.limit)}
+    adapter = None
+    if args.adapter is not None:
+        acfg = read_adapter_config(args.adapter)
+        edge = EdgeModel(args.model, tuple(acfg.get("target_modules") or ()) or None)
+        adapter = LoraAdapter(edge, int(acfg["r"]), float(acfg["lora_alpha"]), 0.0)
+        adapter.load(args.adapter)
+        adapter.eval()
+    else:
+        edge = EdgeModel(args.model)
+    link = CloudLink(link_config, edge)
+    link.open()
+    results = {}
+    try:
+        for name, items in sets.items():
+            res = evaluate(edge, RemoteStack(link, adapter), items, max_length=max_length, progress=not args.no_progress)
+            results[name] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
+                             "predictions": res.predictions}
+    finally:
+        link.close()
+    width = max(len(n) for n in results)
+    print(f"{'task':<{width}}  accuracy  items")
+    for name, r in results.items():
+        print(f"{name:<{width}}  {r['accuracy']:8.4f}  {r['total']:5d}")
+    if len(results) > 1:
+        mean = sum(r["accuracy"] for r in results.values()) / len(results)
+        print(f"{'mean':<{width}}  {mean:8.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
+    return 0

@@ -21,6 +21,7 @@ from common.config import TrainConfig
 from common.errors import ConfigError, ProtocolError, RemoteError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision, KRConfig
+from common.tls import ClientTLS, client_tls, open_channel, wait_ready
 from common.wire import codecs, frames
 from common.wire.frames import Frame
 from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_METHOD, channel_options
@@ -43,6 +44,7 @@ class LinkConfig:
     connect_timeout_s: float = _TRAIN["connect_timeout_s"].default  # to reach the cloud at session start
     reply_timeout_s: float = _TRAIN["reply_timeout_s"].default  # longest wait for one cloud message
     max_message_mb: int = _TRAIN["max_message_mb"].default  # gRPC message limit, set on both ends
+    tls: ClientTLS | None = None  # TLS to the cloud (PEM bytes of --tls-ca [--tls-cert --tls-key]); None: plaintext
     token: str | None = field(default=None, repr=False)  # this device's token for `serve --auth token`; never logged
 
     @classmethod
@@ -52,7 +54,8 @@ class LinkConfig:
             raise ValueError("a split run needs cfg.cloud")
         return cls(address=cfg.cloud, codec_up=cfg.codec_up, codec_down=cfg.codec_down,
                    int8_block_size=cfg.int8_block_size, connect_timeout_s=cfg.connect_timeout_s,
-                   reply_timeout_s=cfg.reply_timeout_s, max_message_mb=cfg.max_message_mb, token=token)
+                   reply_timeout_s=cfg.reply_timeout_s, max_message_mb=cfg.max_message_mb, token=token,
+                   tls=client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key))
 
 
 def read_token_file(path: Path) -> str:
@@ -103,16 +106,12 @@ class CloudLink:
     def open(self) -> str:
         """Connect and handshake (resuming `session_id` if set); returns the session id."""
         self.close()
-        self._channel = grpc.insecure_channel(self.address, options=channel_options(self.config.max_message_mb))
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.config.connect_timeout_s)
-        except grpc.FutureTimeoutError:
+        self._channel = open_channel(self.address, self.config.tls, channel_options(self.config.max_message_mb))
+        try:  # a TLS mismatch fails at once, with the flag to fix; an absent cloud after connect_timeout_s
+            wait_ready(self._channel, self.address, self.config.tls, self.config.connect_timeout_s)
+        except RemoteError:
             self.close()
-            raise RemoteError(
-                "UNAVAILABLE",
-                f"cannot reach dlora-cloud at {self.address} within {self.config.connect_timeout_s:.0f}s; "
-                "is `dlora-cloud serve` running there?",
-            ) from None
+            raise
         self._outbox, self._inbox = queue.Queue(), queue.Queue()
         # the generated stub's (de)serializers, wrapped to count whole messages as they cross
         session = self._channel.stream_stream(SESSION_METHOD, request_serializer=self._serialize,

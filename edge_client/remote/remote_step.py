@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ProtocolError, RemoteError
+from common.errors import ProtocolError
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
 from common.wire.frames import Frame
-from edge_client.remote.link import CloudLink
+from edge_client.remote.link import CloudLink, cloud_error
 from edge_client.train.engines import Traffic
 from edge_client.train.lora import LoraAdapter
 
@@ -90,7 +90,7 @@ class RemoteStep:
                 kind, body = frame.kind, frame.body
                 if kind == "step_error":
                     link.close()  # other micro-batches may still be in flight: this stream is spent
-                    raise RemoteError(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
+                    raise cloud_error(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
                 mb = getattr(body, "micro_batch", -1)
                 if getattr(body, "step", -1) != self.step or mb not in pending:
                     raise ProtocolError(f"cloud sent {kind} for step {getattr(body, 'step', '?')}/{mb} "

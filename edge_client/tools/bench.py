@@ -19,6 +19,9 @@ import argparse
 import contextlib
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,6 +179,7 @@ class Link:
     description: str
     wan: tuple[float, float, float] | None = None  # one-way delay (s), rate up, rate down (bytes/s): parse_wan
     netns: NetemLink | None = None  # the cloud's network namespace, where kernel netem is used
+    tls_ca: Path | None = None  # with --tls, while cloud() runs: the CA the workers trust
 
     @classmethod
     def for_flag(cls, wan: str | None) -> Link:
@@ -202,7 +206,12 @@ class Link:
             netns = self.netns
             if netns is not None:
                 cleanup.callback(netns.close)
-            cloud = CloudProcess(model_dir, extra=["--state-dir", str(cache / "bench" / "cloud-state"),
+            tls: list[str] = []
+            if args.tls:
+                folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dlora-bench-tls-")))
+                self.tls_ca, tls = tls_certificates(folder, [netns.ns_ip] if netns else [])
+                self.description += ", over TLS"
+            cloud = CloudProcess(model_dir, extra=["--state-dir", str(cache / "bench" / "cloud-state"), *tls,
                                                    "--device", args.cloud_device, "--dtype", args.cloud_dtype,
                                                    *(["--host", netns.ns_ip, "--auth", "none", "--insecure"] if netns else [])],
                                  prefix=netns.prefix if netns else None)
@@ -214,6 +223,19 @@ class Link:
             relay = LinkEmulator(cloud.address, delay, rate_up, rate_down=rate_down)
             cleanup.callback(relay.close)
             yield relay.address
+
+
+def tls_certificates(folder: Path, hosts: list[str]) -> tuple[Path, list[str]]:
+    """`dlora-cloud tls init` into `folder` for 127.0.0.1 and `hosts`: the CA the workers trust, and the serve flags.
+
+    Raises:
+        ConfigError: tls init failed (its last line says why).
+    """
+    done = subprocess.run([sys.executable, "-m", "cloud_server.cli", "tls", "init", str(folder), "--host", "127.0.0.1",
+                           *(a for h in hosts for a in ("--host", h))], capture_output=True, text=True)
+    if done.returncode:
+        raise ConfigError(f"--tls: dlora-cloud tls init failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return folder / "ca.pem", ["--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key")]
 
 
 def sweep(base: BenchSpec, address: str, wires: list[str], budgets: list[int], micro: list[int], layers: int,
@@ -267,7 +289,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
     with link.cloud(model_dir, args, cache) as address, tqdm(
             total=len(wires) * len(budgets) * len(micro) * args.steps, unit="step pair", desc="bench",
             disable=args.no_progress) as bar:
-        rows = sweep(base, address, wires, budgets, micro, layers, bar)
+        rows = sweep(base.model_copy(update={"tls_ca": link.tls_ca}), address, wires, budgets, micro, layers, bar)
     meta = {"model": str(model_dir), "layers": layers,
             "model_mb": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "link": link.description,

@@ -50,6 +50,7 @@ class BenchSpec(BaseModel):
     seq_len: int = 128
     device: Device = field_default(TrainConfig, "device")  # the device side's (and local-train's) compute
     local_dtype: Dtype = field_default(TrainConfig, "dtype")  # local-train's frozen base
+    tls_ca: Path | None = None  # the CA of the bench cloud's certificate (--tls): train over TLS; None: plaintext
 
 
 def attention_targets(model_type: str) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ class BenchRun:
             wire=up, wire_down=down or None, int8_block_size=spec.int8_block_size,
             targets=spec.targets or attention_targets(load_config(spec.model).model_type),
             lora_dropout=0.0, lr=1e-3, micro_batches=spec.micro_batches, progress=False, reply_timeout_s=1200,
-            device=spec.device, dtype=spec.local_dtype)
+            device=spec.device, dtype=spec.local_dtype, tls_ca=spec.tls_ca)
         self.engine = engine = SplitEngine(cfg) if cfg.cloud else LocalEngine(cfg)
         layers = engine.num_layers
         budget = layers if spec.budget is None else min(spec.budget, layers)

@@ -1,0 +1,117 @@
+"""Tools for the tests that send what a correct device (or cloud) never would: a session stream driven by
+hand with raw bytes, a real cloud on a Redis of the test's own, and this process's resident memory."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.model_files import fingerprint
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire.protocol import PROTOCOL, SESSION_METHOD, channel_options
+
+# what a cloud may answer to anything a device sends: never INTERNAL or UNKNOWN
+REFUSALS = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"}
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (VmRSS of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def hello(model_dir: Path, **over: object) -> pb.Hello:
+    """A Hello a correct device would send for the tiny llama (targets q and v), with `over` replacing fields."""
+    fields: dict[str, object] = dict(protocol=PROTOCOL, model_fingerprint=fingerprint(model_dir),
+                                     targets=["self_attn.q_proj", "self_attn.v_proj"], codec_up=pb.FLOAT32,
+                                     codec_down=pb.FLOAT32)
+    fields.update(over)
+    return pb.Hello(**fields)  # type: ignore[arg-type]
+
+
+@dataclass
+class Ending:
+    """How a stream ended: every message the cloud sent, and the call's status."""
+
+    replies: list[pb.CloudMessage]
+    code: grpc.StatusCode
+    details: str
+    seconds: float  # from the call's start
+
+
+class RawStream:
+    """A session stream sending raw bytes (or messages), reading the cloud's replies as CloudMessages."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 60.0,
+                 metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+        self._q: queue.Queue[bytes | None] = queue.Queue()
+        call = channel.stream_stream(SESSION_METHOD, request_serializer=lambda b: b,
+                                     response_deserializer=pb.CloudMessage.FromString)
+        self.started = time.monotonic()
+        self.call = call(iter(self._q.get, None), timeout=timeout_s, metadata=metadata)
+        self._replies: Iterator[pb.CloudMessage] = iter(self.call)
+
+    def send(self, msg: bytes | pb.EdgeMessage | None = None, **kind: object) -> None:
+        """Send raw bytes, an EdgeMessage, or EdgeMessage(**kind)."""
+        if msg is None:
+            msg = pb.EdgeMessage(**kind)  # type: ignore[arg-type]
+        self._q.put(msg if isinstance(msg, bytes) else msg.SerializeToString())
+
+    def recv(self) -> pb.CloudMessage:
+        """The cloud's next message.
+
+        Raises:
+            grpc.RpcError: the call ended with a status other than OK.
+            StopIteration: the call ended with OK.
+        """
+        return next(self._replies)
+
+    def finish(self) -> Ending:
+        """Half-close, then read until the call ends (within its deadline)."""
+        self._q.put(None)
+        return self.drain()
+
+    def drain(self) -> Ending:
+        """Read until the call ends (within its deadline), without half-closing."""
+        replies = []
+        try:
+            for reply in self._replies:
+                replies.append(reply)
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""
+        return Ending(replies, code, details, time.monotonic() - self.started)
+
+    def cancel(self) -> None:
+        self._q.put(None)
+        self.call.cancel()
+
+
+def raw_channel(address: str, max_message_mb: int = 64) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options(max_message_mb))
+
+
+def start_cloud(model_dir: Path, redis_url: str, **kw: object):  # -> CloudServer
+    """A real dlora cloud on 127.0.0.1:0 in this process, on the given Redis. Stop it with .stop(0)."""
+    from cloud_server.server import CloudServer
+    from cloud_server.stack import DecoderStack
+    from common.config import ServeConfig
+
+    return CloudServer(DecoderStack(model_dir), ServeConfig(model=model_dir, redis_url=redis_url, **kw))
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Poll `predicate` until true; fail after timeout_s (never a bare sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        threading.Event().wait(0.02)
