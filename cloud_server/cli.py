@@ -39,7 +39,23 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default=None, choices=DEVICES, help=f"where the stack runs (default {_default('device')})")
     s.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"compute dtype of the frozen stack (default {_default('dtype')})")
-    s.add_argument("--max-sessions", type=int, default=None, help=f"concurrent sessions (default {_default('max_sessions')})")
+    s.add_argument("--max-sessions", type=int, default=None,
+                   help=f"live sessions on all workers sharing this Redis (default {_default('max_sessions')})")
+    s.add_argument("--max-sessions-per-token", type=int, default=None,
+                   help=f"live sessions one device token may hold, on all workers (default {_default('max_sessions_per_token')})")
+    s.add_argument("--max-micro-batches", type=int, default=None,
+                   help=f"micro-batches a session may have running at once (default {_default('max_micro_batches')})")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens (B x T) a session may have in flight: a step's micro-batches together "
+                        f"(default {_default('max_tokens')})")
+    s.add_argument("--hello-timeout", type=float, default=None,
+                   help=f"seconds a new stream has to say Hello (default {_default('hello_timeout_s'):g})")
+    s.add_argument("--idle-timeout", type=float, default=None,
+                   help="seconds a session stream may stay silent between steps; also closes a connection with no "
+                        f"call for that long (default {_default('idle_timeout_s'):g})")
+    s.add_argument("--keepalive", type=float, default=None,
+                   help="seconds between HTTP/2 pings to each device; one that does not answer within as long is "
+                        f"dropped (default {_default('keepalive_s'):g})")
     s.add_argument("--step-timeout", type=float, default=None,
                    help=f"seconds to wait for one edge reply before closing its session (default {_default('step_timeout_s'):g})")
     s.add_argument("--max-message-mb", type=int, default=None,

@@ -16,11 +16,21 @@ import grpc
 
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
 from cloud_server.session import SessionSpec, compute_pool, open_spec, run_session
+from cloud_server.slots import Gate, SessionSlots, Slot
 from cloud_server.stack import DecoderStack
 from cloud_server.stream import EdgeStream
 from cloud_server.tokens import Caller, DeviceAuth, TokenStore, auth_mode
 from common.config import ServeConfig
-from common.errors import AccessError, ConfigError, DloraError, ProtocolError, SessionError, SupersededError, status_of
+from common.errors import (
+    AccessError,
+    ConfigError,
+    DloraError,
+    LimitError,
+    ProtocolError,
+    SessionError,
+    SupersededError,
+    status_of,
+)
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from common.tls import describe_transport, server_credentials
@@ -30,6 +40,42 @@ from common.wire.protocol import PROTOCOL, SESSION_ID_HEX, channel_options
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
+HEALTH_THREADS = 4  # gRPC threads no session stream can take: Health never waits behind sessions
+HELLO_WAITERS_PER_SESSION = 4  # streams that may wait for their Hello at once, per --max-sessions
+STREAMS_PER_SESSION = 2  # live session streams in this process per --max-sessions: room for a device's new stream
+# to replace its half-open one while the old one ends
+
+
+def rpc_threads(config: ServeConfig) -> int:
+    """gRPC's threads. A session stream holds one from its start to its end; the servicer refuses at once
+    (RESOURCE_EXHAUSTED) a stream beyond HELLO_WAITERS_PER_SESSION x --max-sessions waiting for their Hello,
+    or beyond STREAMS_PER_SESSION x --max-sessions live ones, so HEALTH_THREADS are always left for Health
+    (and for those refusals, which take a thread for a moment)."""
+    return config.max_sessions * (HELLO_WAITERS_PER_SESSION + STREAMS_PER_SESSION) + HEALTH_THREADS
+
+
+def connection_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """HTTP/2 keepalive and idle limits: the server pings every --keepalive seconds and drops a peer that
+    does not answer within as long (a half-open device); a connection with no call for --idle-timeout is
+    closed; a client may ping at most every 10 s without data (more often is a ping flood: GOAWAY)."""
+    keepalive_ms = int(config.keepalive_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", int(config.idle_timeout_s * 1000)),
+    ]
+
+
+def _parse_request(raw: bytes) -> Frame | ProtocolError:
+    """An EdgeMessage, or the ProtocolError that says why the bytes are not one: the session loop raises it
+    (INVALID_ARGUMENT). A deserializer that raised would end the call with INTERNAL."""
+    try:
+        return frames.parse(raw, pb.EdgeMessage)
+    except ProtocolError as e:
+        return e
 
 
 class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
@@ -39,7 +85,10 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
                  auth: DeviceAuth | None = None) -> None:
         self.stack, self.config, self.store, self.kr = stack, config, store, kr
         self.auth = auth or DeviceAuth("none", TokenStore(store.r))
-        self.pool = compute_pool(config.max_sessions)
+        self.pool = compute_pool(config.max_sessions, config.max_micro_batches)
+        self.slots = SessionSlots(store.r, config.max_sessions, config.max_sessions_per_token)  # on all workers
+        self.waiting = Gate(HELLO_WAITERS_PER_SESSION * config.max_sessions)  # streams before their Hello
+        self.streams = Gate(STREAMS_PER_SESSION * config.max_sessions)  # and after it, in this process
         self._lock = threading.Lock()
         self._live: dict[str, EdgeStream] = {}  # session id -> its one live stream in this process
 
@@ -57,16 +106,28 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         except DloraError as e:
             log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
             context.abort(status_of(e), str(e))
+        if not self.waiting.enter():  # each holds a gRPC thread until its Hello: bounded
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams are waiting to say Hello on this "
+                          "cloud; retry later")
         stream = EdgeStream(request_iterator, self.config.step_timeout_s)
+        slot: Slot | None = None
         try:
-            first = stream.recv()
+            try:
+                first = stream.recv(self.config.hello_timeout_s, f"--hello-timeout ({self.config.hello_timeout_s:g}s)")
+            finally:
+                self.waiting.leave()
             if first is None or first.kind != "hello":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
             hello = first.msg.hello
             session_id = hello.session_id or secrets.token_hex(SESSION_ID_HEX // 2)
             spec = open_spec(hello, self.stack, session_id)
+            slot = self._admit(session_id, caller.name)  # over a limit: refused before anything is written
             self._register(spec, list(hello.targets), caller, resume=bool(hello.session_id))
-        except DloraError as e:
+        except BaseException as e:
+            if slot is not None:
+                self._leave(slot)
+            if not isinstance(e, DloraError):
+                raise
             log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
             context.abort(status_of(e), str(e))
         with self._lock:
@@ -79,7 +140,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         stream.send(pb.CloudMessage(welcome=pb.Welcome(
             session_id=session_id, protocol=PROTOCOL, num_layers=self.stack.num_layers,
             model_type=self.stack.config.model_type, server_version=VERSION)))
-        worker = threading.Thread(target=self._serve, args=(stream, spec, caller, context), daemon=True, name=f"session-{session_id}")
+        worker = threading.Thread(target=self._serve, args=(stream, spec, caller, context, slot), daemon=True, name=f"session-{session_id}")
         worker.start()
         yield from stream.responses()
 
@@ -113,9 +174,31 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             raise SessionError(f"session {spec.session_id} was opened with other targets, codecs or "
                                "Kill-and-Revive settings; resume it with the same flags or start a new session")
 
-    def _serve(self, stream: EdgeStream, spec: SessionSpec, caller: Caller, context: grpc.ServicerContext) -> None:
+    def _admit(self, session_id: str, owner: str) -> Slot:
+        """Hold a live stream's place in this process and its session's slot on all workers.
+
+        Raises:
+            LimitError: over --max-sessions (all workers, or this process's streams) or --max-sessions-per-token.
+            UnavailableError: Redis failed.
+        """
+        if not self.streams.enter():
+            raise LimitError(f"this cloud process already serves {self.streams.cap} session streams "
+                             "(--max-sessions); retry later")
         try:
-            run_session(stream, self.stack, spec, self.config.max_tokens, self.kr, self.pool,
+            return self.slots.acquire(session_id, owner)
+        except BaseException:
+            self.streams.leave()
+            raise
+
+    def _leave(self, slot: Slot) -> None:
+        """Give back what _admit took."""
+        self.slots.release(slot)
+        self.streams.leave()
+
+    def _serve(self, stream: EdgeStream, spec: SessionSpec, caller: Caller, context: grpc.ServicerContext,
+               slot: Slot) -> None:
+        try:
+            run_session(stream, self.stack, spec, self.config, self.kr, self.pool,
                         before_step=lambda: self.auth.check(caller))
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
@@ -129,6 +212,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             with self._lock:
                 if self._live.get(spec.session_id) is stream:  # not when a newer stream took its place
                     del self._live[spec.session_id]
+            self._leave(slot)
             log.info("session %s closed", spec.session_id)
             stream.close()
 
@@ -138,7 +222,7 @@ def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:
     tensor bytes framed by common.wire.frames (valid protobuf either way; see that module)."""
     return grpc.method_handlers_generic_handler("dlora.v1.SplitTraining", {
         "Session": grpc.stream_stream_rpc_method_handler(
-            servicer.Session, request_deserializer=lambda raw: frames.parse(raw, pb.EdgeMessage),
+            servicer.Session, request_deserializer=_parse_request,
             response_serializer=frames.serialize),
         "Health": grpc.unary_unary_rpc_method_handler(
             servicer.Health, request_deserializer=pb.HealthRequest.FromString,
@@ -164,9 +248,9 @@ class CloudServer:
         self.worker = SchedulerWorker(self.redis, self.store, f"{socket.gethostname()}-{os.getpid()}", config.claim_idle_s,
                                       config.report_max_tries, config.reports_maxlen)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4),
-            options=channel_options(config.max_message_mb),
-            maximum_concurrent_rpcs=config.max_sessions + 4,
+            futures.ThreadPoolExecutor(max_workers=rpc_threads(config)),
+            options=channel_options(config.max_message_mb) + connection_options(config),
+            maximum_concurrent_rpcs=4 * rpc_threads(config),  # beyond the servicer's own counts: a flood, refused by gRPC
         )
         self.servicer = SplitTrainingServicer(stack, config, self.store, KRQueue(self.redis, self.store, config.reports_maxlen),
                                               DeviceAuth(mode, TokenStore(self.redis)))
@@ -187,6 +271,7 @@ class CloudServer:
     def stop(self, grace: float | None = None) -> None:
         self.worker.stop_event.set()
         self.server.stop(grace).wait()
+        self.servicer.slots.stop()
         self.servicer.pool.shutdown(wait=False, cancel_futures=True)  # cancelled streams end their micro-batches
         self.worker.join(timeout=5)
         disconnect(self.redis)

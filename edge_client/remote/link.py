@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ import grpc
 import torch
 
 from common.config import TrainConfig
-from common.errors import ConfigError, ProtocolError, RemoteError
+from common.errors import ConfigError, ProtocolError, RemoteError, one_line
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision, KRConfig
 from common.tls import ClientTLS, client_tls, open_channel, wait_ready
 from common.wire import codecs, frames
 from common.wire.frames import Frame
-from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_METHOD, channel_options
+from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_ID_HEX, SESSION_METHOD, channel_options
 from edge_client.train.engines import Traffic
 from edge_client.train.model_parts import EdgeModel
 
@@ -75,6 +76,12 @@ def read_token_file(path: Path) -> str:
     if Path(path).stat().st_mode & 0o077:
         log.warning("--token-file %s can be read by other users; chmod 600 it", path)
     return token
+
+
+def cloud_error(code: str, message: str) -> RemoteError:
+    """A RemoteError from a cloud's StepError or status: its code if that is a gRPC status name (else
+    UNKNOWN, which the device never retries), its message as one line of at most 300 printable characters."""
+    return RemoteError(code if code in grpc.StatusCode.__members__ else "UNKNOWN", one_line(message))
 
 
 def _payload(msg: pb.EdgeMessage | pb.CloudMessage) -> int:
@@ -129,7 +136,13 @@ class CloudLink:
             warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
             kill_threshold=self.kr.kill_threshold or 0.0,
         ))), Traffic())
-        welcome = self.recv(Traffic()).msg.welcome
+        first = self.recv(Traffic())
+        if first.kind != "welcome":
+            raise ProtocolError(f"dlora-cloud at {self.address} answered the Hello with {first.kind or 'no message kind'}")
+        welcome = first.msg.welcome
+        if not re.fullmatch(f"[0-9a-f]{{{SESSION_ID_HEX}}}", welcome.session_id):
+            raise ProtocolError(f"dlora-cloud at {self.address} gave session id {one_line(welcome.session_id, 40)!r}, "
+                                f"not {SESSION_ID_HEX} hex digits")
         if welcome.num_layers != self.edge.num_layers:
             raise ProtocolError(f"cloud hosts {welcome.num_layers} layers, the edge model has {self.edge.num_layers}")
         self.session_id = welcome.session_id
@@ -164,9 +177,17 @@ class CloudLink:
         self._bytes_up += len(raw)  # (ByteSize() would cost a second serialization)
         return raw
 
-    def _parse(self, raw: bytes) -> Frame:
+    def _parse(self, raw: bytes) -> Frame | ProtocolError:
+        """A CloudMessage, or the ProtocolError that recv raises (a deserializer that raised would end the
+        call with INTERNAL, and the real reason would be lost)."""
         self._bytes_down += len(raw)
-        return frames.parse(raw, pb.CloudMessage)
+        try:
+            frame = frames.parse(raw, pb.CloudMessage)
+        except ProtocolError as e:
+            return ProtocolError(f"dlora-cloud at {self.address} sent a malformed message: {e}")
+        if not frame.kind:
+            return ProtocolError(f"dlora-cloud at {self.address} sent a message with no kind")
+        return frame
 
     def bytes_totals(self) -> tuple[int, int]:
         """Serialized bytes (up, down) of whole messages over this link's lifetime."""
@@ -201,8 +222,8 @@ class CloudLink:
             raise RemoteError("UNAVAILABLE", f"dlora-cloud at {self.address} closed the session")
         if isinstance(item, grpc.RpcError):
             code = item.code().name if item.code() else "UNKNOWN"
-            details = item.details() or code
-            if code == "RESOURCE_EXHAUSTED":
+            details = one_line(item.details() or code)
+            if code == "RESOURCE_EXHAUSTED" and "larger than max" in details:  # gRPC's own message-size limit
                 details += ("; raise --max-message-mb on this device and on dlora-cloud serve, or send less per "
                             "message (--micro-batches, --batch-size, --max-length)")
             raise RemoteError(code, f"dlora-cloud at {self.address}: {details}")
@@ -243,10 +264,16 @@ class CloudLink:
         frame = self.recv(traffic)
         kind, msg = frame.kind, frame.msg
         if kind == "step_error":
-            raise RemoteError(msg.step_error.code,
+            raise cloud_error(msg.step_error.code,
                               f"dlora-cloud rejected the epoch {epoch} report: {msg.step_error.message}")
         if kind != "kr_command" or msg.kr_command.epoch != epoch:
             raise ProtocolError(f"expected the Kill-and-Revive command for epoch {epoch}, got {kind}")
         c = msg.kr_command
+        layers = self.edge.num_layers
+        for name in ("active", "killed", "revived", "next_active"):
+            got = list(getattr(c, name))
+            if len(set(got)) != len(got) or any(i >= layers for i in got):
+                raise ProtocolError(f"the Kill-and-Revive command for epoch {epoch} names {name} layers "
+                                    f"{one_line(str(got[:8]), 80)}: each at most once, below {layers}")
         return Decision(epoch=epoch, active=tuple(c.active), deltas=deltas, killed=tuple(c.killed),
                         revived=tuple(c.revived), next_active=tuple(c.next_active))
