@@ -121,6 +121,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             hello = first.msg.hello
             session_id = hello.session_id or secrets.token_hex(SESSION_ID_HEX // 2)
             spec = open_spec(hello, self.stack, session_id)
+            if hello.session_id:  # read-only: a resume of another token's, or an unknown, session writes nothing
+                self._check_resume(spec, list(hello.targets), caller)
             slot = self._admit(session_id, caller.name)  # over a limit: refused before anything is written
             self._register(spec, list(hello.targets), caller, resume=bool(hello.session_id))
         except BaseException as e:
@@ -145,18 +147,28 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         yield from stream.responses()
 
     def _register(self, spec: SessionSpec, targets: list[str], caller: Caller, resume: bool) -> None:
-        """Create the session's Redis record, owned by the caller's token, or check that a resumed session
-        is the caller's and matches it. A refused resume writes nothing.
+        """Create the session's Redis record, owned by the caller's token; refresh a resumed one's TTL
+        (`_check_resume` has admitted it).
+
+        Raises:
+            UnavailableError: Redis failed.
+        """
+        if resume:
+            self.store.touch(spec.session_id)
+        else:
+            self.store.create(spec.session_id, spec.record(self.stack.fingerprint, targets), spec.kr, owner=caller.name)
+
+    def _check_resume(self, spec: SessionSpec, targets: list[str], caller: Caller) -> None:
+        """Check, reading only, that a session to resume is one this cloud issued, is the caller's, and was
+        opened with the same settings.
 
         Raises:
             ProtocolError: a session id this cloud never issues.
             SessionError: an old 48-bit id, an unknown or expired one, or other settings than it was opened with.
             AccessError: the session belongs to another token.
+            UnavailableError: Redis failed.
         """
         record = spec.record(self.stack.fingerprint, targets)
-        if not resume:
-            self.store.create(spec.session_id, record, spec.kr, owner=caller.name)
-            return
         if re.fullmatch("[0-9a-f]{12}", spec.session_id):
             raise SessionError(f"session {spec.session_id} has an old 48-bit id, which a guess could take over; "
                                "this cloud resumes none of those: start a new session")
@@ -169,7 +181,6 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         if stored.get("owner", "") != caller.name:
             raise AccessError(f"session {spec.session_id} belongs to another device token; resume it with the token "
                               "that opened it, or start a new session")
-        self.store.touch(spec.session_id)
         if json.loads(stored["record"]) != record:
             raise SessionError(f"session {spec.session_id} was opened with other targets, codecs or "
                                "Kill-and-Revive settings; resume it with the same flags or start a new session")
