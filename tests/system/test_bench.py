@@ -120,18 +120,21 @@ def test_worker_asked_past_its_batches_says_so(tiny_dir):
 
 def test_bench_over_an_emulated_asymmetric_link_says_which_link_it_used(tiny_dir, tmp_path):
     """The whole command on a tiny model: a cloud child, the link (kernel netem where the machine has it,
-    else the user-space relay), a local-train and a split worker, the JSON and the Markdown."""
+    else the user-space relay), a local-train and a split worker, the JSON and the Markdown. With --tls: the
+    cloud serves TLS only (a `tls init` set naming the address the device dials), so the split row proves the
+    worker trained over TLS."""
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "edge_client.app.cli", "bench", "--model", str(tiny_dir("llama")),
                         "--wires", "int8/bfloat16", "--budgets", "all", "--steps", "1", "--batch-size", "2",
                         "--seq-len", "16", "--wan", "1ms,200mbit/400mbit", "--json", str(out),
-                        "--markdown", str(tmp_path / "bench.md"), "--no-progress"],
+                        "--markdown", str(tmp_path / "bench.md"), "--no-progress", "--tls"],
                        capture_output=True, text=True, env={**os.environ, "DLORA_CACHE": str(tmp_path / "cache")},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     link = result["meta"]["link"]
     assert link.startswith("1ms,200mbit/400mbit ") and ("kernel netem" in link)  # either way it says what netem did
+    assert link.endswith(", over TLS")
     split = [row for row in result["rows"] if row["name"] == "split"]
     assert [row["wire"] for row in split] == ["int8/bfloat16"]
     assert split[0]["payload_per_step"] == split[0]["formula_per_step"] > 0
