@@ -175,6 +175,20 @@ def test_a_token_trains_and_owns_its_session(token_cloud, tmp_path, data_file, c
     assert len(err) == 1 and "needs a device token" in err[0] and "--token-file" in err[0], err
 
 
+def test_eval_takes_the_token_from_the_environment(token_cloud, tmp_path, monkeypatch, capsys):
+    """`dlora eval` with $DLORA_TOKEN set (and no --token-file) scores through a --auth token cloud."""
+    from edge_client.app.cli import main as dlora_main
+
+    c = token_cloud
+    items = tmp_path / "mc.jsonl"
+    items.write_text("\n".join(json.dumps({"prompt": f"{i} plus {i} is", "choices": [f" {2 * i}", f" {i}"], "answer": 0})
+                               for i in range(3)) + "\n")
+    monkeypatch.setenv("DLORA_TOKEN", c.tokens.add("scorer"))
+    assert dlora_main(["eval", "--cloud", c.address, "--model", str(c.model_dir), "--data", str(items),
+                       "--no-progress"]) == 0
+    assert "mc" in capsys.readouterr().out
+
+
 def test_a_daemon_session_reads_the_token_file_it_was_given(token_cloud, tmp_path, data_file, monkeypatch):
     """A detached session's request holds the token file's path, never the token; the session process
     (session_runner.run, what the daemon starts) reads the file and trains through a --auth token cloud."""
