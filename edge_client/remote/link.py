@@ -218,6 +218,8 @@ class CloudLink:
             self.close()
             raise RemoteError("DEADLINE_EXCEEDED", f"dlora-cloud at {self.address} sent nothing for "
                                                    f"{self.config.reply_timeout_s:.0f}s") from None
+        if item is _END or isinstance(item, grpc.RpcError):
+            self._inbox.put(item)  # an ended stream stays ended: the next recv fails at once, not after reply_timeout_s
         if item is _END:
             raise RemoteError("UNAVAILABLE", f"dlora-cloud at {self.address} closed the session")
         if isinstance(item, grpc.RpcError):
