@@ -254,7 +254,7 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
     Bad input abandons one micro-batch (or report), not the session. `before_step` runs before every
-    StepBegin is dispatched (the device token's check: what it raises ends the session).
+    StepBegin and EpochReport is dispatched (the device token's check: what it raises ends the session).
 
     `limits` is the serve config: --max-tokens and --max-micro-batches refuse a micro-batch (RESOURCE_EXHAUSTED
     in its StepError), --idle-timeout ends a stream silent between steps, --step-timeout one silent in a step.
@@ -275,7 +275,7 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
                 break
             session.heard()
             session.raise_failure()
-            if before_step is not None and msg.kind == "step_begin":
+            if before_step is not None and msg.kind in ("step_begin", "epoch_report"):
                 before_step()
             session.dispatch(msg)
         session.raise_failure()

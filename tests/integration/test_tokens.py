@@ -238,19 +238,25 @@ def test_detach_refuses_a_token_the_daemon_cannot_read(env, flag, words, tiny_di
     assert len(err) == 1 and words in err[0], err
 
 
-def test_revoking_a_token_stops_its_stream_at_the_next_step(token_cloud):
-    """A stream that stepped with a token ends UNAUTHENTICATED at its first StepBegin after `token revoke`,
-    and that step computes nothing."""
+@pytest.mark.parametrize("next_message", ["step_begin", "epoch_report"])
+def test_revoking_a_token_stops_its_stream_at_the_next_step(next_message, token_cloud):
+    """A stream that stepped with a token ends UNAUTHENTICATED at its first StepBegin or EpochReport after
+    `token revoke`: the step computes nothing, the report reaches no scheduler stream."""
+    from cloud_server.kr_queue import REPORTS
+
     c = token_cloud
     s = RawSession(c.address, c.tokens.add("laptop"))
     s.open(c.model_dir)
     s.step(0)
-    done = len(c.forwards)
+    done, reports = len(c.forwards), c.r.xlen(REPORTS)
     c.tokens.revoke("laptop")
-    s.send(step_begin=begin(1))
+    if next_message == "step_begin":
+        s.send(step_begin=begin(1))
+    else:
+        s.send(epoch_report=pb.EpochReport(epoch=1, layers=[0, 1, 2], deltas=[0.1, 0.2, 0.3]))
     err = refused(s)
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "'laptop' was revoked" in err.details()
-    assert len(c.forwards) == done
+    assert len(c.forwards) == done and c.r.xlen(REPORTS) == reports
 
 
 def test_a_new_stream_with_the_owning_token_supersedes_the_old(token_cloud):
