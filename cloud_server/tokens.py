@@ -69,13 +69,15 @@ class TokenStore:
             ConfigError: a bad name, or a token of that name exists.
         """
         if not _NAME.fullmatch(name):
-            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit")
         secret = PREFIX + secrets.token_urlsafe(32)
         digest = digest_of(secret)
         with self.r.pipeline(transaction=True) as p:
             p.watch(INDEX)  # two `token add NAME` at once: one wins, the other sees the name taken
             if p.hexists(INDEX, name):
-                raise ConfigError(f"a token named {name!r} exists; `dlora-cloud token revoke {name}` first, or pick another name")
+                raise ConfigError(f"a token named {name!r} exists; `dlora-cloud token revoke {name}` first, "
+                                  "or pick another name")
             p.multi()
             p.hset(INDEX, name, digest)
             p.hset(token_key(digest), mapping={"name": name, "created": f"{time.time():.0f}"})
@@ -181,10 +183,12 @@ class DeviceAuth:
 
 
 def add_token_command(sub: argparse._SubParsersAction) -> None:
-    """`dlora-cloud token add NAME | list | revoke NAME`, each with --state-dir and --redis-url."""
+    """`dlora-cloud token add NAME | list | revoke NAME`, each with --state-dir, --redis-url and --redis-url-file
+    (the cli resolves the last two and $DLORA_REDIS_URL into args.redis_url)."""
     t = sub.add_parser("token", help="device tokens for `serve --auth token`: add NAME | list | revoke NAME")
     actions = t.add_subparsers(dest="token_command", required=True)
-    for action, what in (("add", "make a token and print it, once"), ("list", "names and creation times, never secrets"),
+    for action, what in (("add", "make a token and print it, once"),
+                         ("list", "names and creation times, never secrets"),
                          ("revoke", "delete a token; its open sessions stop at their next step")):
         p = actions.add_parser(action, help=what)
         if action != "list":
@@ -192,7 +196,11 @@ def add_token_command(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--state-dir", type=Path, default=None,
                        help="the --state-dir of the running `dlora-cloud serve` whose embedded Redis holds the tokens "
                             f"(default {field_default(ServeConfig, 'state_dir')})")
-        p.add_argument("--redis-url", default=None, help="the --redis-url of `dlora-cloud serve`, when it uses its own Redis")
+        p.add_argument("--redis-url", default=None,
+                       help="the --redis-url of `dlora-cloud serve`, when it uses its own Redis (no password: "
+                            "a URL with one goes in --redis-url-file or $DLORA_REDIS_URL)")
+        p.add_argument("--redis-url-file", type=Path, default=None, metavar="FILE",
+                       help="read that Redis URL from FILE (or set $DLORA_REDIS_URL)")
 
 
 def run_token(args: argparse.Namespace) -> int:

@@ -89,7 +89,8 @@ def hello(model_dir: Path, session_id: str = "") -> pb.Hello:
 
 
 def begin(step: int) -> pb.StepBegin:
-    return pb.StepBegin(step=step, layer_roles=[pb.ABSENT] * L, embeddings=codecs.encode(torch.randn(1, 3, H), "float32"),
+    return pb.StepBegin(step=step, layer_roles=[pb.ABSENT] * L,
+                        embeddings=codecs.encode(torch.randn(1, 3, H), "float32"),
                         attention_mask=codecs.encode(torch.ones(1, 3), "uint8"))
 
 
@@ -181,8 +182,8 @@ def test_eval_takes_the_token_from_the_environment(token_cloud, tmp_path, monkey
 
     c = token_cloud
     items = tmp_path / "mc.jsonl"
-    items.write_text("\n".join(json.dumps({"prompt": f"{i} plus {i} is", "choices": [f" {2 * i}", f" {i}"], "answer": 0})
-                               for i in range(3)) + "\n")
+    rows = [{"prompt": f"{i} plus {i} is", "choices": [f" {2 * i}", f" {i}"], "answer": 0} for i in range(3)]
+    items.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     monkeypatch.setenv("DLORA_TOKEN", c.tokens.add("scorer"))
     assert dlora_main(["eval", "--cloud", c.address, "--model", str(c.model_dir), "--data", str(items),
                        "--no-progress"]) == 0
@@ -207,7 +208,8 @@ def test_a_daemon_session_reads_the_token_file_it_was_given(token_cloud, tmp_pat
                       progress=False, token_file=token_file)
     session_dir = tmp_path / "session"
     session_dir.mkdir()
-    (session_dir / "request.json").write_text(json.dumps({"kind": "train", "config": json.loads(cfg.model_dump_json())}))
+    request = {"kind": "train", "config": json.loads(cfg.model_dump_json())}  # as the daemon writes it
+    (session_dir / "request.json").write_text(json.dumps(request))
     assert secret not in (session_dir / "request.json").read_text()
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
@@ -297,9 +299,9 @@ def test_session_ids_are_128_bits_and_old_ones_are_refused(token_cloud):
 
 
 def test_the_token_commands_show_a_secret_once_and_store_only_its_hash(redis_url, tmp_path, capsys):
-    """`dlora-cloud token add` prints a 256-bit secret once; `list` shows names, never secrets; `revoke` removes
-    it; a duplicate name, an unknown name and an unreachable Redis are one-line errors (exit 2). No key or
-    value anywhere in Redis holds the secret."""
+    """`dlora-cloud token add` prints a 256-bit secret once; `list` (here through --redis-url-file) shows names,
+    never secrets; `revoke` removes it; a duplicate name, an unknown name and an unreachable Redis are
+    one-line errors (exit 2). No key or value anywhere in Redis holds the secret."""
     r = redis.Redis.from_url(redis_url)
     rc = cloud_main(["token", "add", "phone-7", "--redis-url", redis_url])
     out = capsys.readouterr()
@@ -307,7 +309,9 @@ def test_the_token_commands_show_a_secret_once_and_store_only_its_hash(redis_url
     assert rc == 0 and re.fullmatch(r"dlora_[A-Za-z0-9_-]{43}", secret) and "only this once" in out.err
     assert secret.encode() not in repr(snapshot(r)).encode()
     assert all(secret.encode() not in k for k in r.scan_iter(count=1000))
-    assert cloud_main(["token", "list", "--redis-url", redis_url]) == 0
+    url_file = tmp_path / "redis.url"  # the way for a URL with a password (not in `ps`)
+    url_file.write_text(redis_url)
+    assert cloud_main(["token", "list", "--redis-url-file", str(url_file)]) == 0
     listed = capsys.readouterr().out
     assert "phone-7" in listed and secret not in listed and secret[6:20] not in listed
     for argv, words in ((["add", "phone-7"], "exists"), (["revoke", "nobody"], "no token named")):
