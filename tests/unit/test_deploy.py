@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -19,8 +20,8 @@ PARSERS = {"dlora": dlora_parser, "dlora-cloud": cloud_parser, "dlora-edge": edg
 
 
 def _defaults(text: str) -> str:
-    """Compose-style ${VAR:-default} and ${VAR} with their defaults (or a placeholder)."""
-    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: m.group(2) if m.group(2) is not None else "x", text)
+    """Compose-style ${VAR:-default}, ${VAR:?message} and ${VAR} with their defaults (or a placeholder)."""
+    return re.sub(r"\$\{(\w+)(?::([-?])([^}]*))?\}", lambda m: m.group(3) if m.group(2) == "-" else "x", text)
 
 
 def _commands_in_compose(doc: dict) -> list[list[str]]:
@@ -80,6 +81,37 @@ def test_compose_wires_redis_and_health():
     assert any(v.endswith(":/models:ro") for v in cloud["volumes"])
     for name in ("cloud.env.example", "edge.env.example", "compose.gpu.yaml"):
         assert (DEPLOY / name).is_file()
+
+
+def _serve_args(command: list[str]) -> argparse.Namespace:
+    return cloud_parser().parse_args([_defaults(str(c)) for c in command[1:]])
+
+
+def test_compose_serves_tls_with_tokens_and_keeps_redis_inside():
+    """compose.yaml puts the cloud on the internet the way docs/security.md says: TLS on 0.0.0.0 (through the
+    real parser: --tls-cert and --tls-key set, no --insecure, --auth left to its default, which is token off
+    loopback), the health check over TLS, the TLS folder mounted read-only, and Redis on an internal network
+    with no published port."""
+    from cloud_server.tokens import auth_mode
+    from common.config import ServeConfig
+
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    redis, cloud, init = doc["services"]["redis"], doc["services"]["cloud"], doc["services"]["tls-init"]
+    args = _serve_args(cloud["command"])
+    assert args.host == "0.0.0.0" and args.tls_cert and args.tls_key
+    assert not args.insecure and args.auth in (None, "token")
+    # (serve_config would also read the TLS files, which exist only on the deployed host)
+    config = ServeConfig(model=args.model, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         auth=args.auth, insecure=bool(args.insecure))
+    assert auth_mode(config) == "token"
+    health = [_defaults(str(c)) for c in cloud["healthcheck"]["test"] if c != "CMD"]
+    assert "--tls-ca" in health and health[health.index("--tls-ca") + 1].startswith("/etc/dlora/tls/")
+    assert any(v.endswith(":/etc/dlora/tls:ro") for v in cloud["volumes"])
+    assert "ports" not in redis and doc["networks"]["backend"].get("internal") is True
+    assert redis["networks"] == ["backend"] and "backend" in cloud["networks"]
+    assert init["command"][1:3] == ["tls", "init"] and init.get("profiles") == ["setup"]
+    tls_dir = cloud["command"][cloud["command"].index("--tls-cert") + 1].rsplit("/", 1)[0]
+    assert init["command"][3] == tls_dir
 
 
 # -- image hygiene: non-root, hashed locks, pinned --no-deps packages (docs/security.md) -------------------------
