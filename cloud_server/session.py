@@ -10,6 +10,7 @@ to the Kill-and-Revive scheduler (`answer_report`). Many micro-batches of a sess
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from common.config import ServeConfig
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.scheduler import KRConfig
+from common.scheduler import KRConfig, KRState
 from common.wire import codecs
 from common.wire.frames import Frame
 from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
@@ -101,6 +102,13 @@ def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeou
     """
     if len(report.layers) != len(report.deltas) or any(x >= spec.kr.num_layers for x in report.layers):
         raise ProtocolError(f"epoch report {report.epoch}: layers and deltas must pair up, layers < {spec.kr.num_layers}")
+    if len(set(report.layers)) != len(report.layers) or not all(math.isfinite(d) and d >= 0 for d in report.deltas):
+        raise ProtocolError(f"epoch report {report.epoch}: each layer once, each delta finite and >= 0")
+    record = kr.store.load(spec.session_id)
+    done = KRState.from_json(record["kr_state"]).epochs_done if record else 0
+    if not 1 <= report.epoch <= done + 1:  # the scheduler would drop it, and the session wait for nothing
+        raise ProtocolError(f"epoch report {report.epoch}: this session has reported {done} epochs; "
+                            f"send epoch {done + 1} (or re-send one of 1..{done})")
     kr.submit(spec.session_id, report.epoch, dict(zip(report.layers, report.deltas)))
     decision = kr.wait_command(spec.session_id, report.epoch, timeout_s)
     if "error" in decision:

@@ -20,12 +20,19 @@ from common.wire.protocol import PROTOCOL, SESSION_METHOD, channel_options
 REFUSALS = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"}
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now, in MB (VmRSS of /proc/self/status)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def rss_mb(pid: int | str = "self", peak: bool = False) -> float:
+    """Resident memory of a process (this one by default) in MB: now (VmRSS), or its peak since the last
+    `reset_peak` (VmHWM), which also catches an allocation that was freed again."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def reset_peak(pid: int | str = "self") -> None:
+    """Start a process's VmHWM over from its current RSS (Linux: 5 into /proc/PID/clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def hello(model_dir: Path, **over: object) -> pb.Hello:

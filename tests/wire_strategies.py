@@ -1,0 +1,196 @@
+"""Hypothesis strategies for malformed session messages, both directions (tests/integration/test_fuzz_*.py).
+
+They aim near the edges a receiver checks: plausible shapes with the wrong width, codec, byte length,
+int8 block size or scales; huge and negative dimensions; open-enum values no codec or role has; numbers
+at the ends of their wire types; NaN and Inf; real messages in the wrong order; real messages cut short
+or with a byte flipped; tensor bytes framed after the message (common/wire/frames.py) under the wrong
+field; and plain random bytes. Tensor bytes come from a seeded generator, not from Hypothesis, so that
+a large tensor costs Hypothesis nothing to draw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from common.wire import frames
+
+# the default run and `pytest -m slow` (the slow tests load the second profile)
+settings.register_profile("fuzz", max_examples=300, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=list(HealthCheck))
+settings.register_profile("fuzz-slow", settings.get_profile("fuzz"), max_examples=3000)
+
+CODECS = st.sampled_from([0, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16, pb.INT8_BLOCKWISE, pb.UINT8, 6, 99, 2**31 - 1])
+U32 = st.one_of(st.integers(0, 4), st.sampled_from([2**16, 2**24, 2**24 + 1, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1))
+U64 = st.one_of(st.integers(0, 3), st.sampled_from([2**32, 2**63, 2**64 - 1]), st.integers(0, 2**64 - 1))
+DIM = st.one_of(st.integers(0, 8), st.sampled_from([32, 33, 48, 500, 2**20, 2**31, 2**40, 2**62, 2**63 - 1]),
+                st.integers(-(2**63), -1))
+FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e-300, 1e300]))
+BYTES_PER = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2, pb.INT8_BLOCKWISE: 1, pb.UINT8: 1}
+MAX_BYTES = 1 << 16  # a tensor's bytes are generated only up to this; a larger stated size gets a few bytes
+
+
+def _fill(n: int, codec: int, how: str, seed: int) -> bytes:
+    """n bytes of tensor data: finite values of the codec's type, NaNs, zeros or random bytes."""
+    rng = random.Random(seed)
+    if how == "random" or codec not in (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16) or n % BYTES_PER[codec]:
+        return rng.randbytes(n)
+    dtype = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}[codec]
+    k = n // BYTES_PER[codec]
+    g = torch.Generator().manual_seed(seed)
+    t = {"finite": torch.randn(k, generator=g), "zeros": torch.zeros(k), "nan": torch.full((k,), math.nan)}[how]
+    return t.to(dtype).numpy().tobytes() if dtype != torch.bfloat16 else t.to(dtype).view(torch.int16).numpy().tobytes()
+
+
+@st.composite
+def tensors(draw: st.DrawFn, plausible: tuple[int, ...] | None = None) -> tuple[pb.Tensor, bytes]:
+    """(a Tensor without data, its data): near `plausible` (a shape the receiver might expect) or anything."""
+    shapes = [st.lists(DIM, max_size=4).map(tuple)]
+    if plausible is not None:
+        shapes += [st.just(plausible)] * 3 + [
+            st.tuples(*[st.sampled_from([d, d + 1, max(d - 1, 0)]) for d in plausible])]
+    shape = draw(st.one_of(*shapes))
+    codec = draw(CODECS)
+    numel = math.prod(shape) if all(d >= 0 for d in shape) else -1
+    right = numel * BYTES_PER.get(codec, 4)
+    length = draw(st.one_of(
+        st.just(right) if 0 <= right <= MAX_BYTES else st.integers(0, 64),
+        st.sampled_from([n for n in (right - 1, right + 1, 0) if 0 <= n <= MAX_BYTES]),
+        st.integers(0, 64)))
+    data = _fill(length, codec, draw(st.sampled_from(["finite", "finite", "random", "zeros", "nan"])),
+                 draw(st.integers(0, 2**32)))
+    t = pb.Tensor(shape=shape, codec=codec)
+    if codec == pb.INT8_BLOCKWISE or draw(st.booleans()) is False:
+        block = draw(st.one_of(st.sampled_from([0, 1, 7, 4096, 2**24, 2**24 + 1, 2**32 - 1]), U32))
+        blocks = -(-max(numel, 0) // block) if block else 0
+        n_scales = draw(st.sampled_from([blocks, blocks, max(blocks - 1, 0), blocks + 1, 1, 0]))
+        scale = draw(st.sampled_from([1.0, 0.0, -1.0, math.nan, math.inf, 1e-40]))
+        if n_scales <= MAX_BYTES // 4:
+            t.scales = torch.full((n_scales,), scale, dtype=torch.float32).numpy().tobytes()
+        t.block_size = block
+    return t, data
+
+
+def _with_tensor(body: object, field: str, tensor: tuple[pb.Tensor, bytes], inline: bool) -> dict[str, bytes]:
+    """Put the tensor into body.field; its data inline, or returned as the frame's payload for that field."""
+    t, data = tensor
+    getattr(body, field).CopyFrom(t)
+    if inline:
+        getattr(body, field).data = data
+        return {}
+    return {field: data}
+
+
+def _frame(msg: pb.EdgeMessage | pb.CloudMessage, payloads: dict[str, bytes]) -> bytes:
+    return frames.serialize(frames.Frame(msg, payloads))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
+    """A real message cut short, with a byte flipped, or with junk after it."""
+    how = draw(st.sampled_from(["cut", "flip", "junk"]))
+    if how == "cut" and raw:
+        return raw[: draw(st.integers(0, len(raw) - 1))]
+    if how == "flip" and raw:
+        i = draw(st.integers(0, len(raw) - 1))
+        return raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1 :]
+    return raw + draw(st.binary(max_size=16))
+
+
+# ---------------------------------------------------------------- device -> cloud
+
+
+def hello_fields(fingerprint: str, targets: list[str]) -> st.SearchStrategy[pb.Hello]:
+    """A Hello: mostly right, with any field possibly wrong."""
+    def build(d: dict) -> pb.Hello:
+        h = pb.Hello(protocol=d["protocol"], model_fingerprint=d["fp"], session_id=d["sid"], targets=d["targets"],
+                     codec_up=d["up"], codec_down=d["down"], block_size_down=d["block"], budget=d["budget"],
+                     revive=d["revive"], kill_threshold=d["tau"])
+        if d["warmup"] is not None:
+            h.warmup_epochs = d["warmup"]
+        return h
+
+    good = st.fixed_dictionaries({
+        "protocol": st.sampled_from(["dlora.v1"] * 6 + ["dlora.v0", ""]),
+        "fp": st.sampled_from([fingerprint] * 6 + ["0" * 16, ""]),
+        "sid": st.sampled_from([""] * 6 + ["0" * 32, "0123456789ab", "../../etc", "x" * 300]),
+        "targets": st.sampled_from([targets] * 4 + [[], targets[:1], ["self_attn.nope"], targets * 2]),
+        "up": st.sampled_from([pb.FLOAT32] * 3 + [pb.INT8_BLOCKWISE, pb.BFLOAT16, pb.UINT8, 0, 99]),
+        "down": st.sampled_from([pb.FLOAT32] * 3 + [pb.INT8_BLOCKWISE, pb.FLOAT16, 0, 99]),
+        "block": st.one_of(st.just(0), U32),
+        "warmup": st.one_of(st.none(), U32),
+        "budget": st.one_of(st.just(0), U32),
+        "revive": st.one_of(st.just(0), U32),
+        "tau": st.one_of(st.just(0.0), FLOATS),
+    })
+    return good.map(build)
+
+
+@st.composite
+def edge_messages(draw: st.DrawFn, fingerprint: str, targets: list[str], hidden: int, layers: int) -> bytes:
+    """One EdgeMessage on the wire, any kind, valid-looking or not."""
+    kind = draw(st.sampled_from(["step_begin"] * 4 + ["lora_delta"] * 2 + ["hidden_grad", "lora_grad", "epoch_report",
+                                                                              "hello", "raw", "mutated", "empty"]))
+    if kind == "raw":
+        return draw(st.binary(max_size=64))
+    if kind == "empty":
+        return b""
+    if kind == "hello":
+        return pb.EdgeMessage(hello=draw(hello_fields(fingerprint, targets))).SerializeToString()
+    mutate = kind == "mutated" or draw(st.integers(0, 19)) == 0
+    if kind == "mutated":
+        kind = draw(st.sampled_from(["step_begin", "lora_delta", "hidden_grad", "lora_grad", "epoch_report"]))
+    inline = draw(st.booleans())
+    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    step, mb = draw(st.one_of(st.integers(0, 2), U64)), draw(st.one_of(st.integers(0, 2), U32))
+    msg = pb.EdgeMessage()
+    payloads: dict[str, bytes] = {}
+    if kind == "step_begin":
+        body = msg.step_begin
+        body.step, body.micro_batch, body.train = step, mb, draw(st.booleans())
+        body.layer_roles.extend(draw(st.one_of(
+            st.lists(st.sampled_from([pb.ABSENT, pb.FORWARD, pb.FORWARD_BACKWARD]), min_size=layers, max_size=layers),
+            st.lists(st.integers(0, 2**31 - 1), max_size=layers + 2))))
+        payloads |= _with_tensor(body, "embeddings", draw(tensors((b, t, hidden))), inline)
+        mask = draw(tensors((b, t)))
+        if draw(st.booleans()):  # a proper 0/1 mask, so that the embeddings decide
+            mask = (pb.Tensor(shape=[b, t], codec=pb.UINT8), bytes(random.Random(b * t).choices([0, 1], k=b * t)))
+        payloads |= _with_tensor(body, "attention_mask", mask, inline)
+    elif kind in ("lora_delta", "lora_grad"):
+        body = getattr(msg, kind)
+        body.step, body.micro_batch = step, mb
+        body.layer, body.group = draw(st.one_of(st.integers(0, layers), U32)), draw(st.one_of(st.integers(0, 1), U32))
+        width = 48 if kind == "lora_delta" else hidden  # q + v outputs / the layer's input
+        field = "delta" if kind == "lora_delta" else "grad_input"
+        payloads |= _with_tensor(body, field, draw(tensors((b, t, width))), inline)
+    elif kind == "hidden_grad":
+        body = msg.hidden_grad
+        body.step, body.micro_batch = step, mb
+        payloads |= _with_tensor(body, "grad", draw(tensors((b, t, hidden))), inline)
+    else:
+        body = msg.epoch_report
+        body.epoch = draw(st.one_of(st.integers(0, 3), U32))
+        n = draw(st.integers(0, layers + 2))
+        body.layers.extend(draw(st.lists(st.one_of(st.integers(0, layers), U32), min_size=n, max_size=n)))
+        body.deltas.extend(draw(st.lists(FLOATS, min_size=n, max_size=n + draw(st.sampled_from([0, 0, 1])))))
+    raw = _frame(msg, payloads)
+    return draw(mutated(raw)) if mutate else raw
+
+
+@st.composite
+def edge_scripts(draw: st.DrawFn, fingerprint: str, targets: list[str], hidden: int, layers: int) -> list[bytes]:
+    """What a device sends on one stream: mostly a correct Hello first, then up to 5 messages of any kind."""
+    hello = pb.EdgeMessage(hello=pb.Hello(protocol="dlora.v1", model_fingerprint=fingerprint, targets=targets,
+                                          codec_up=draw(st.sampled_from([pb.FLOAT32, pb.INT8_BLOCKWISE])),
+                                          codec_down=pb.FLOAT32))
+    first = draw(st.sampled_from(["good"] * 6 + ["fuzzed", "other"]))
+    script = {"good": [hello.SerializeToString()],
+              "fuzzed": [pb.EdgeMessage(hello=draw(hello_fields(fingerprint, targets))).SerializeToString()],
+              "other": []}[first]
+    script += draw(st.lists(edge_messages(fingerprint, targets, hidden, layers), max_size=5))
+    return script
