@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.wire import frames
+from common.wire import codecs, frames
 
 # the default run and `pytest -m slow` (the slow tests load the second profile)
 settings.register_profile("fuzz", max_examples=300, deadline=None, database=None, print_blob=True,
@@ -194,3 +194,100 @@ def edge_scripts(draw: st.DrawFn, fingerprint: str, targets: list[str], hidden: 
               "other": []}[first]
     script += draw(st.lists(edge_messages(fingerprint, targets, hidden, layers), max_size=5))
     return script
+
+
+# ---------------------------------------------------------------- cloud -> device
+
+TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["line one\nline two", "\x1b[31mred\x1b[0m", "x" * 5000]))
+CODES = st.one_of(st.sampled_from(["INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", ""]), st.text(max_size=20))
+
+
+def welcome(layers: int, session_id: str = "0" * 32) -> pb.CloudMessage:
+    return pb.CloudMessage(welcome=pb.Welcome(session_id=session_id, protocol="dlora.v1", num_layers=layers,
+                                              model_type="llama", server_version="fuzz"))
+
+
+@st.composite
+def cloud_messages(draw: st.DrawFn, b: int, t: int, hidden: int, width: int, layers: int) -> bytes:
+    """One CloudMessage on the wire for a device running step 0 with one (b, t) micro-batch: valid-looking or not.
+    width: the LoRA group's output width (q + v)."""
+    kind = draw(st.sampled_from(["lora_forward"] * 3 + ["hidden"] * 2 + ["lora_backward"] * 2 + [
+        "step_done", "step_error", "kr_command", "welcome", "raw", "mutated", "empty"]))
+    if kind == "raw":
+        return draw(st.binary(max_size=64))
+    if kind == "empty":
+        return b""
+    if kind == "welcome":
+        return welcome(draw(st.sampled_from([layers, layers + 1, 0])), draw(st.sampled_from(["0" * 32, "", "../x"]))).SerializeToString()
+    mutate = kind == "mutated" or draw(st.integers(0, 19)) == 0
+    if kind == "mutated":
+        kind = draw(st.sampled_from(["lora_forward", "hidden", "lora_backward", "step_done", "kr_command"]))
+    msg = pb.CloudMessage()
+    payloads: dict[str, bytes] = {}
+    step, mb = draw(st.one_of(st.just(0), st.just(0), U64)), draw(st.one_of(st.just(0), st.just(0), U32))
+    inline = draw(st.booleans())
+    if kind in ("lora_forward", "lora_backward"):
+        body = getattr(msg, kind)
+        body.step, body.micro_batch = step, mb
+        body.layer, body.group = draw(st.one_of(st.integers(0, layers), U32)), draw(st.one_of(st.just(0), st.just(0), U32))
+        field, plausible = ("x", (b, t, hidden)) if kind == "lora_forward" else ("grad_output", (b, t, width))
+        payloads |= _with_tensor(body, field, draw(tensors(plausible)), inline)
+    elif kind == "hidden":
+        msg.hidden.step, msg.hidden.micro_batch = step, mb
+        payloads |= _with_tensor(msg.hidden, "hidden", draw(tensors((b, t, hidden))), inline)
+    elif kind == "step_done":
+        msg.step_done.step, msg.step_done.micro_batch, msg.step_done.cloud_seconds = step, mb, draw(FLOATS)
+    elif kind == "step_error":
+        msg.step_error.step, msg.step_error.micro_batch = step, mb
+        msg.step_error.code, msg.step_error.message = draw(CODES), draw(TEXT)
+    else:
+        c = msg.kr_command
+        c.epoch = draw(st.one_of(st.just(1), U32))
+        for name in ("active", "killed", "revived", "next_active"):
+            getattr(c, name).extend(draw(st.lists(st.one_of(st.integers(0, layers), U32), max_size=layers + 1)))
+    raw = _frame(msg, payloads)
+    return draw(mutated(raw)) if mutate else raw
+
+
+def good_exchange(b: int, t: int, hidden: int, width: int, layers: int) -> list[bytes]:
+    """What a correct cloud sends for one training step of one (b, t) micro-batch with every layer
+    FORWARD_BACKWARD, then the Kill-and-Revive command for epoch 1 (the device answers in between; the
+    messages may all be queued at once)."""
+    def framed(kind: str, field: str | None, shape: tuple[int, ...], **ids: int) -> bytes:
+        msg = pb.CloudMessage(**{kind: ids})
+        if field is None:
+            return msg.SerializeToString()
+        data = codecs.encode_into(getattr(getattr(msg, kind), field), torch.randn(shape), "float32")
+        return frames.serialize(frames.Frame(msg, {field: bytes(data)}))
+
+    out = [welcome(layers).SerializeToString()]
+    out += [framed("lora_forward", "x", (b, t, hidden), layer=i) for i in range(layers)]
+    out.append(framed("hidden", "hidden", (b, t, hidden)))
+    out += [framed("lora_backward", "grad_output", (b, t, width), layer=i) for i in reversed(range(layers))]
+    out.append(framed("step_done", None, ()))
+    every = list(range(layers))
+    out.append(pb.CloudMessage(kr_command=pb.KRCommand(epoch=1, active=every, next_active=every)).SerializeToString())
+    return out
+
+
+@st.composite
+def cloud_scripts(draw: st.DrawFn, b: int, t: int, hidden: int, width: int,
+                  layers: int) -> tuple[list[bytes], tuple[str, str] | None]:
+    """What a cloud answers a Hello with: a correct step's exchange with one message replaced, dropped,
+    repeated or added; or a correct Welcome (mostly) and up to 6 messages of any kind. And how the stream
+    ends (None: OK, else a status code name and its details)."""
+    first = draw(st.sampled_from(["edited"] * 4 + ["good"] * 4 + ["other", "none"]))
+    if first == "edited":
+        script = good_exchange(b, t, hidden, width, layers)
+        i = draw(st.integers(0, len(script) - 1))
+        other = draw(cloud_messages(b, t, hidden, width, layers))
+        script[i:i + 1] = {"replace": [other], "drop": [], "repeat": [script[i]] * 2, "add": [other, script[i]],
+                           "mutate": [draw(mutated(script[i]))]}[draw(st.sampled_from(["replace", "drop", "repeat", "add",
+                                                                                        "mutate"]))]
+        return script, draw(st.one_of(st.none(), st.none(), st.tuples(st.sampled_from(["INTERNAL", "UNAVAILABLE"]), TEXT)))
+    script = {"good": [welcome(layers).SerializeToString()], "none": [],
+              "other": [draw(cloud_messages(b, t, hidden, width, layers))]}[first]
+    script += draw(st.lists(cloud_messages(b, t, hidden, width, layers), max_size=6))
+    end = draw(st.one_of(st.none(), st.tuples(
+        st.sampled_from(["INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED", "ABORTED"]), TEXT)))
+    return script, end
