@@ -63,6 +63,7 @@ def connection_options(config: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", keepalive_ms),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging through a long silence between steps
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_connection_idle_ms", int(config.idle_timeout_s * 1000)),
