@@ -89,8 +89,12 @@ def connect(redis_url: str | None, state_dir: Path) -> tuple[CloudRedis, str]:
 
 
 def disconnect(client: redis.Redis) -> None:
-    """Close every connection of `client`, and stop the embedded server it talks to, if this process runs one."""
-    client.connection_pool.disconnect()
+    """Close the idle connections of `client`, and stop the embedded server it talks to, if this process runs one.
+
+    A connection another thread is using (a session ending as the cloud stops) is left to that thread: closing
+    its socket under it would raise ValueError there, not the redis.ConnectionError it handles.
+    """
+    client.connection_pool.disconnect(inuse_connections=False)
     if isinstance(client, CloudRedis) and client.embedded is not None:
         client.embedded.stop()
 
