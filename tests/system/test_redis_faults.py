@@ -76,6 +76,7 @@ class RedisProcess:
         self.conf.write_text(f'dir "{folder}"\nport 0\nunixsocket "{self.socket}"\nunixsocketperm 600\n'
                              'appendonly yes\nappendfsync everysec\nsave ""\n')
         self.url = f"unix://{self.socket}"
+        self.password: str | None = None
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -97,7 +98,7 @@ class RedisProcess:
         self.proc.wait()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=5)
+        return redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=5, password=self.password)
 
 
 @pytest.fixture
@@ -470,3 +471,39 @@ def test_acknowledged_reports_survive_a_redis_kill(aof_redis):
              and all(r.exists(commands_key(s)) for s in (unread, pending)), 10, "both reports decided")
     for sid in (decided, unread, pending):
         assert [int(f[b"epoch"]) for _, f in r.xrange(commands_key(sid))] == [1]
+
+
+# -- hygiene
+
+
+def test_a_redis_password_stays_out_of_flags_ps_and_logs(tiny_dir, tmp_path):
+    """--redis-url with a password is refused in one line (the password not echoed); the same URL from
+    --redis-url-file reaches a real password-protected Redis, and neither `ps` (the serve's command line)
+    nor its log holds the password, which the log shows as ***."""
+    from cloud_server.cli import main as cloud_main
+
+    secret = "s3cret-" + os.urandom(6).hex()
+    server = RedisProcess(tmp_path / "redis")
+    server.conf.write_text(server.conf.read_text() + f"requirepass {secret}\n")
+    server.password = secret
+    server.start()
+    try:
+        url = f"{server.url}?password={secret}"
+        model = tiny_dir("llama")
+        refused = start_serve(["--model", str(model), "--redis-url", url], tmp_path / "refused.log")
+        assert refused.wait(timeout=120) == 2
+        err = (tmp_path / "refused.log").read_text().strip()
+        assert err.count("\n") == 0 and "--redis-url-file FILE or $DLORA_REDIS_URL" in err and secret not in err
+        url_file = tmp_path / "redis-url"
+        url_file.write_text(url + "\n")
+        cloud = start_serve(["--model", str(model), "--redis-url-file", str(url_file), "--port", "0"], tmp_path / "cloud.log")
+        try:
+            listening(cloud)
+            assert secret not in Path(f"/proc/{cloud.pid}/cmdline").read_text()
+            log = (tmp_path / "cloud.log").read_text()
+            assert "Kill-and-Revive queue: unix:" in log and "password=***" in log and secret not in log
+        finally:
+            cloud.kill()
+        assert cloud_main(["serve", "--model", str(model), "--redis-url", url, "--redis-url-file", str(url_file)]) == 2
+    finally:
+        server.kill()
