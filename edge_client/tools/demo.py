@@ -36,7 +36,8 @@ def run_demo(args: argparse.Namespace, cache: Path) -> int:
     task_dir = prepare_task(args.task, cache)
     items = load_items(task_dir / "test.jsonl", args.test_items)
     print("[2/5] starting dlora-cloud (frozen decoder blocks) as a child process", flush=True)
-    cloud = CloudProcess(model_dir)
+    # its own state dir: a `dlora-cloud serve` already running on the default one holds that one's lock
+    cloud = CloudProcess(model_dir, extra=["--state-dir", str(cache / "demo" / "cloud-state")])
     try:
         print(f"      cloud listening on {cloud.address}", flush=True)
         edge = EdgeModel(model_dir, TARGETS)
