@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 REPORTS = "dlora:kr:reports"
 DEAD = "dlora:kr:dead"
 GROUP = "kr-scheduler"
+WATCH_TRIES = 10  # a session changed under the scheduler's WATCH this often in a row: give up on the report
 REDIS_TIMEOUT_S = 30.0  # longest wait for one Redis reply (the queue's blocking reads last at most 1 s)
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -308,9 +309,38 @@ class SchedulerWorker(threading.Thread):
                   entry_id.decode(), session or "?", epoch.decode(errors="replace") or "?", DEAD, tries, reason)
 
     def handle(self, fields: dict[bytes, bytes]) -> Decision | None:
+        """Decide one report: the new state and the command in one MULTI/EXEC that WATCHes the session. A
+        report decided meanwhile by another consumer (a slow one whose report was taken over) is thus not
+        decided twice; a report for an epoch already decided changes nothing.
+
+        Raises:
+            KeyError, ValueError, RuntimeError: a malformed report, or a session that keeps changing (the
+                caller counts it towards the dead letters).
+            redis.RedisError, UnavailableError: Redis failed.
+        """
         session_id, epoch = fields[b"session"].decode(), int(fields[b"epoch"])
-        rec = self.store.load(session_id)
-        if rec is None:
+        for _ in range(WATCH_TRIES):
+            with self.r.pipeline(transaction=True) as p:
+                p.watch(session_key(session_id))
+                try:
+                    decision = self._decide(p, session_id, epoch, fields)
+                except redis.WatchError:
+                    continue  # the session changed (decided elsewhere, or its TTL refreshed): look again
+            if decision is not None:
+                self.store.touch(session_id)
+                log.info("session %s epoch %d: next active %s (killed %s, revived %s)", session_id, epoch,
+                         list(decision.next_active), list(decision.killed), list(decision.revived))
+            return decision
+        raise RuntimeError(f"session {session_id} changed under each of {WATCH_TRIES} tries to decide epoch {epoch}")
+
+    def _decide(self, p: redis.client.Pipeline, session_id: str, epoch: int, fields: dict[bytes, bytes]) -> Decision | None:
+        """The decision for a report on a pipeline WATCHing its session; None when there is none to make.
+
+        Raises:
+            redis.WatchError: the session changed before EXEC.
+        """
+        rec = {k.decode(): v.decode() for k, v in p.hgetall(session_key(session_id)).items()}
+        if not rec:
             log.warning("scheduler: report for unknown session %s dropped", session_id)
             return None
         cfg = KRConfig(**json.loads(rec["kr_config"]))
@@ -327,11 +357,8 @@ class SchedulerWorker(threading.Thread):
             log.warning("scheduler: session %s epoch %d: %s", session_id, epoch, e)
             self.r.xadd(commands_key(session_id), {"epoch": epoch, "decision": json.dumps({"error": str(e)})})
             return None
-        with self.r.pipeline(transaction=True) as p:
-            p.hset(session_key(session_id), "kr_state", new_state.to_json())
-            p.xadd(commands_key(session_id), {"epoch": epoch, "decision": json.dumps(decision.to_json())})
-            p.execute()
-        self.store.touch(session_id)
-        log.info("session %s epoch %d: next active %s (killed %s, revived %s)", session_id, epoch,
-                 list(decision.next_active), list(decision.killed), list(decision.revived))
+        p.multi()
+        p.hset(session_key(session_id), "kr_state", new_state.to_json())
+        p.xadd(commands_key(session_id), {"epoch": epoch, "decision": json.dumps(decision.to_json())})
+        p.execute()
         return decision
