@@ -224,9 +224,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             with self._lock:
                 if self._live.get(spec.session_id) is stream:  # not when a newer stream took its place
                     del self._live[spec.session_id]
-            self._leave(slot)
-            log.info("session %s closed", spec.session_id)
-            stream.close()
+            try:
+                self._leave(slot)
+            finally:  # whatever happens there, the response stream must end, or its gRPC thread waits forever
+                log.info("session %s closed", spec.session_id)
+                stream.close()
 
 
 def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:
