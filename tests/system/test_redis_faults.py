@@ -345,6 +345,16 @@ def test_bad_report_goes_to_dead_letters_and_the_scheduler_serves_on(aof_redis, 
     assert sorted(rec.getMessage().split("(session ")[1][:32] for rec in errors) == sorted([bad, poison])
 
 
+def test_the_reports_stream_is_trimmed(aof_redis):
+    """1000 reports through a queue with --reports-maxlen 100 leave about 100 in the stream (XADD MAXLEN ~
+    trims whole stream nodes of 100 entries, so between 100 and 200), not 1000."""
+    r = aof_redis.client()
+    queue_ = KRQueue(r, SessionStore(r, 3600), maxlen=100)
+    for i in range(1000):
+        queue_.submit("t" * 32, i + 1, DELTAS)
+    assert 100 <= r.xlen(REPORTS) < 200
+
+
 def test_group_recreated_after_redis_lost_its_data(aof_redis, caplog):
     """FLUSHALL under a running scheduler: its next read fails with NOGROUP, it recreates its consumer group,
     and decisions continue for a session opened afterwards."""
