@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import socket
 import threading
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from common.tls import describe_transport, server_credentials
 from common.wire import frames
 from common.wire.frames import Frame
-from common.wire.protocol import PROTOCOL, SESSION_ID_HEX, channel_options
+from common.wire.protocol import PROTOCOL, SERVICE, SESSION_ID_HEX, channel_options, is_session_id, new_session_id
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -120,7 +119,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             if first is None or first.kind != "hello":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
             hello = first.msg.hello
-            session_id = hello.session_id or secrets.token_hex(SESSION_ID_HEX // 2)
+            session_id = hello.session_id or new_session_id()
             spec = open_spec(hello, self.stack, session_id)
             if hello.session_id:  # read-only: a resume of another token's, or an unknown, session writes nothing
                 self._check_resume(spec, list(hello.targets), caller)
@@ -173,7 +172,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         if re.fullmatch("[0-9a-f]{12}", spec.session_id):
             raise SessionError(f"session {spec.session_id} has an old 48-bit id, which a guess could take over; "
                                "this cloud resumes none of those: start a new session")
-        if not re.fullmatch(f"[0-9a-f]{{{SESSION_ID_HEX}}}", spec.session_id):
+        if not is_session_id(spec.session_id):
             raise ProtocolError(f"session id {spec.session_id[:40]!r} is not one this cloud issues "
                                 f"({SESSION_ID_HEX} hex digits); start a new session")
         stored = self.store.load(spec.session_id, touch=False)
@@ -234,7 +233,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
 def handlers(servicer: SplitTrainingServicer) -> grpc.GenericRpcHandler:
     """The service's methods, as the generated code registers them, but with the session stream's
     tensor bytes framed by common.wire.frames (valid protobuf either way; see that module)."""
-    return grpc.method_handlers_generic_handler("dlora.v1.SplitTraining", {
+    return grpc.method_handlers_generic_handler(SERVICE, {
         "Session": grpc.stream_stream_rpc_method_handler(
             servicer.Session, request_deserializer=_parse_request,
             response_serializer=frames.serialize),

@@ -24,8 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from common.config import ServeConfig
 from common.errors import ConfigError, RemoteError
 from common.net import is_loopback
-
-_HEALTH = "/dlora.v1.SplitTraining/Health"  # the probe: any answer at all means the transport works
+from common.wire.protocol import HEALTH_METHOD
 
 
 def read_pem(path: Path, flag: str, what: str = "CERTIFICATE") -> bytes:
@@ -272,7 +271,7 @@ def wait_ready(channel: grpc.Channel, address: str, tls: ClientTLS | None, timeo
         RemoteError: UNAVAILABLE, at once on a TLS mismatch (handshake_problem's line), else when nothing
             answered within timeout_s.
     """
-    probe = channel.unary_unary(_HEALTH)  # bytes in, bytes out: an empty HealthRequest
+    probe = channel.unary_unary(HEALTH_METHOD)  # bytes in, bytes out: an empty HealthRequest; any answer will do
     deadline = time.monotonic() + timeout_s
     pause, last = 0.05, ""
     while True:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from common.scheduler import Decision, KRConfig
 from common.tls import ClientTLS, client_tls, open_channel, wait_ready
 from common.wire import codecs, frames
 from common.wire.frames import Frame
-from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_ID_HEX, SESSION_METHOD, channel_options
+from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_ID_HEX, SESSION_METHOD, channel_options, is_session_id
 from edge_client.train.engines import Traffic
 from edge_client.train.model_parts import EdgeModel
 
@@ -140,7 +139,7 @@ class CloudLink:
         if first.kind != "welcome":
             raise ProtocolError(f"dlora-cloud at {self.address} answered the Hello with {first.kind or 'no message kind'}")
         welcome = first.msg.welcome
-        if not re.fullmatch(f"[0-9a-f]{{{SESSION_ID_HEX}}}", welcome.session_id):
+        if not is_session_id(welcome.session_id):
             raise ProtocolError(f"dlora-cloud at {self.address} gave session id {one_line(welcome.session_id, 40)!r}, "
                                 f"not {SESSION_ID_HEX} hex digits")
         if welcome.num_layers != self.edge.num_layers:
