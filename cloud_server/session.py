@@ -196,7 +196,7 @@ class _Dispatcher:
                 raise ProtocolError(f"step {body.step} micro-batch {body.micro_batch} is already running")
             tokens, refusal = self._over_limit(body)
             if refusal is None:
-                run = StepRun(msg, self.spec, self.stream, self.stack, self.limits.max_tokens, self._finished)
+                run = StepRun(msg, self.spec, self.stream, self.stack, self._finished)
                 self.running[key], self.tokens[key] = run, tokens
         if refusal is not None:
             log.warning("session %s: %s", self.spec.session_id, refusal)

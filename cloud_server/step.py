@@ -26,7 +26,7 @@ import torch
 
 from cloud_server.stack import DecoderStack, active_step
 from cloud_server.stream import EdgeStream
-from common.errors import LimitError, ProtocolError, SessionError, status_of
+from common.errors import ProtocolError, SessionError, status_of
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
 from common.wire.frames import Frame
@@ -55,13 +55,12 @@ class _RemoteLora(torch.autograd.Function):
         return ctx.run.remote_backward(ctx.layer, ctx.group, grad), None, None, None, None  # (B, T, H)
 
 
-def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack,
-                max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Decode and validate a StepBegin's tensors: (embeddings, attention mask, (B, T)).
+def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Decode and validate a StepBegin's tensors: (embeddings, attention mask, (B, T)). --max-tokens was
+    checked on the header before the micro-batch started (the session's `_over_limit`).
 
     Raises:
         ProtocolError: any mismatch with what the model and session expect.
-        LimitError: more than max_tokens tokens (B x T).
     """
     begin: pb.StepBegin = frame.body
     if len(begin.layer_roles) != stack.num_layers:
@@ -71,8 +70,6 @@ def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack,
     b, t = int(begin.embeddings.shape[0]), int(begin.embeddings.shape[1])
     if b < 1 or t < 1:
         raise ProtocolError(f"embeddings of {b}x{t} tokens: need at least one token")
-    if b * t > max_tokens:
-        raise LimitError(f"embeddings of {b}x{t} tokens: this cloud takes at most {max_tokens} (--max-tokens)")
     if stack.max_positions and t > stack.max_positions:
         raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
     # (B, T, E)
@@ -95,9 +92,9 @@ class StepRun:
     session (None when the micro-batch finished or was answered with a StepError).
     """
 
-    def __init__(self, frame: Frame, spec: SessionSpec, stream: EdgeStream, stack: DecoderStack, max_tokens: int,
+    def __init__(self, frame: Frame, spec: SessionSpec, stream: EdgeStream, stack: DecoderStack,
                  on_exit: Callable[[StepRun], None]) -> None:
-        self.frame, self.spec, self.stream, self.stack, self.max_tokens = frame, spec, stream, stack, max_tokens
+        self.frame, self.spec, self.stream, self.stack = frame, spec, stream, stack
         begin: pb.StepBegin = frame.body
         self.step, self.mb = begin.step, begin.micro_batch
         self.key = (self.step, self.mb)  # how the session finds this micro-batch
@@ -117,11 +114,11 @@ class StepRun:
         """Serve the micro-batch and answer StepDone, or StepError for bad input; never raises."""
         started = time.perf_counter()
         try:
-            emb, mask, self.shape = check_begin(self.frame, self.spec, self.stack, self.max_tokens)
+            emb, mask, self.shape = check_begin(self.frame, self.spec, self.stack)
             self._execute(emb, mask)
             self.stream.send(pb.CloudMessage(step_done=pb.StepDone(
                 step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started)))
-        except (ProtocolError, LimitError) as e:
+        except ProtocolError as e:
             log.warning("session %s step %d/%d: %s", self.spec.session_id, self.step, self.mb, e)
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(
                 step=self.step, micro_batch=self.mb, code=status_of(e).name, message=str(e))))
