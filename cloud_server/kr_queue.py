@@ -36,7 +36,7 @@ import redis
 
 from cloud_server.redis_server import EmbeddedRedis, redact_url
 from common.config import ServeConfig, field_default
-from common.errors import ConfigError, SessionError, UnavailableError
+from common.errors import ConfigError, SessionError, UnavailableError, first_line
 from common.scheduler import Decision, KRConfig, KRState, decide, initial_state
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def connect(redis_url: str | None, state_dir: Path) -> tuple[CloudRedis, str]:
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
-        raise ConfigError(f"--redis-url: cannot use Redis at {where} ({_first_line(e)}); start Redis or fix the URL") from None
+        raise ConfigError(f"--redis-url: cannot use Redis at {where} ({first_line(e)}); start Redis or fix the URL") from None
     return client, where
 
 
@@ -100,10 +100,6 @@ def disconnect(client: redis.Redis) -> None:
         client.embedded.stop()
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
-
-
 def unavailable_on_redis_error(fn: Callable[P, T]) -> Callable[P, T]:
     """fn, with a Redis failure raised as UnavailableError: the device sees UNAVAILABLE and retries."""
 
@@ -112,7 +108,7 @@ def unavailable_on_redis_error(fn: Callable[P, T]) -> Callable[P, T]:
         try:
             return fn(*args, **kwargs)
         except redis.RedisError as e:
-            log.warning("Redis failed in %s: %s", fn.__qualname__, _first_line(e))
+            log.warning("Redis failed in %s: %s", fn.__qualname__, first_line(e))
             raise UnavailableError(f"the cloud's Redis is unavailable ({type(e).__name__}); retry shortly") from e
 
     return call
@@ -224,7 +220,7 @@ class SchedulerWorker(threading.Thread):
                 self.poll(block_ms=500)
             except (redis.RedisError, UnavailableError) as e:
                 if not failing:
-                    log.warning("scheduler: Redis failed (%s); retrying every second", _first_line(e))
+                    log.warning("scheduler: Redis failed (%s); retrying every second", first_line(e))
                 failing = True
                 self.stop_event.wait(1.0)
                 continue
@@ -286,7 +282,7 @@ class SchedulerWorker(threading.Thread):
             raise
         except Exception as e:  # noqa: BLE001 - a bad report must not end the scheduler
             if tries >= self.max_tries:
-                self._dead_letter(entry_id, fields or {}, tries, f"{type(e).__name__}: {_first_line(e)}")
+                self._dead_letter(entry_id, fields or {}, tries, f"{type(e).__name__}: {first_line(e)}")
             else:
                 log.debug("scheduler: report %s failed (try %d of %d): %s", entry_id, tries, self.max_tries, e)
             return

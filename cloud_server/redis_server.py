@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
-from common.errors import ConfigError
+from common.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def admin_client(redis_url: str | None, state_dir: Path) -> redis.Redis:
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
-        raise ConfigError(f"cannot reach {where} ({str(e).splitlines()[0][:100]}); start `dlora-cloud serve` "
+        raise ConfigError(f"cannot reach {where} ({first_line(e, 100)}); start `dlora-cloud serve` "
                           "with that --state-dir first, or pass --redis-url") from None
     return client
 

@@ -88,6 +88,12 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, at most `limit` long; its type's name when the message is empty
+    (for a one-line error that quotes a library's multi-line one)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:limit]
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """Text from the other side, safe to show: one line of printable characters, at most `limit` long.
 

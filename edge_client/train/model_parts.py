@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from common.errors import ConfigError
+from common.errors import ConfigError, first_line
 from common.families import Family, family_of, linear_shape, max_positions, resolve_targets, target_groups
 from common.model_files import find_tensor, fingerprint, load_config, read_tensors, tensor_index
 
@@ -93,7 +93,7 @@ class EdgeModel:
             tok = AutoTokenizer.from_pretrained(str(self.model_dir))
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(
-                f"model folder {self.model_dir} has no usable tokenizer ({str(e).splitlines()[0][:120]}); "
+                f"model folder {self.model_dir} has no usable tokenizer ({first_line(e, 120)}); "
                 "save one there with tokenizer.save_pretrained"
             ) from e
         if tok.pad_token_id is None:
