@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from paper_grid import (
+    PRIOR_S,
     REFERENCE,
+    TASK_COST,
     TASK_LABELS,
     TASKS,
     ZERO_SHOT,
@@ -223,8 +225,10 @@ def render(cells_dir: Path, grid_cells: list[Cell], command: str) -> str:
     todo = [c for c in grid_cells if (c.task, c.config.name, c.seed) not in cells]
     left = sum(estimate_s(c, mine) for c in todo)
     status = (f"**{len(mine)} of {len(grid_cells)} cells finished.**" + (
-        f" {len(todo)} not yet run (shown as -), about {hours(left)} on 2 cores at "
-        f"{'the measured' if mine else 'an assumed'} time per cell:" if todo else ""))
+        f" {len(todo)} not yet run (shown as -), about {hours(left)} on 2 cores at " + (
+            "the measured time per cell" if mine else
+            f"an assumed {PRIOR_S['train'] / 60:g} min a training cell and {PRIOR_S['eval'] / 60:g} min a zero-shot "
+            f"one, BoolQ's {TASK_COST['boolq']:g} times as long") + ":" if todo else ""))
     out = ["# Results: Kill-and-Revive across the paper's tasks", "",
            "SmolLM2-135M-Instruct (30 layers) fine-tuned with LoRA in each configuration of issue 17 and scored on "
            "held-out items: the shape of the paper's Tables 1 (all modules against Kill-and-Revive), 2 (budgets) and "
