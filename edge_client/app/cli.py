@@ -82,17 +82,6 @@ def _token_flag(p: argparse.ArgumentParser) -> None:
                         "never the token itself as a flag: it would show in ps)")
 
 
-def _device_token(token_file: Path | None) -> str | None:
-    """The device token: --token-file's, else $DLORA_TOKEN's, else None (a cloud with --auth none).
-
-    Raises:
-        ConfigError: --token-file cannot be read or is empty.
-    """
-    from edge_client.remote.link import read_token_file
-
-    return read_token_file(token_file) if token_file else (os.environ.get("DLORA_TOKEN", "").strip() or None)
-
-
 def _lora_flags(p: argparse.ArgumentParser) -> None:
     """The adapter and its optimizer."""
     p.add_argument("--epochs", type=int, default=None, help=f"default {_default('epochs')} (the paper's Table 6)")
@@ -264,6 +253,7 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace, split: bool) -> int:
+    from edge_client.remote.link import device_token
     from edge_client.remote.split_engine import SplitEngine
     from edge_client.train.engines import LocalEngine
     from edge_client.train.trainer import train
@@ -273,13 +263,13 @@ def _train(args: argparse.Namespace, split: bool) -> int:
         from edge_client.app.control import submit
 
         if cfg.token_file is not None:  # the daemon's session reads the file (the token never enters its state dir)
-            _device_token(cfg.token_file)
+            device_token(cfg.token_file, os.environ)
             cfg = cfg.model_copy(update={"token_file": cfg.token_file.resolve()})
         elif split and os.environ.get("DLORA_TOKEN"):
             raise ConfigError("--detach: the daemon does not see this shell's $DLORA_TOKEN; "
                               "pass --token-file FILE instead")
         return submit(args.daemon, cfg, "train" if split else "local-train")
-    engine = SplitEngine(cfg, token=_device_token(cfg.token_file)) if split else LocalEngine(cfg)
+    engine = SplitEngine(cfg, token=device_token(cfg.token_file, os.environ)) if split else LocalEngine(cfg)
     try:
         result = train(cfg, engine)
     finally:
@@ -291,13 +281,13 @@ def _train(args: argparse.Namespace, split: bool) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from edge_client.app.evaluate import run_eval
-    from edge_client.remote.link import LinkConfig
+    from edge_client.remote.link import LinkConfig, device_token
 
     wire = _given(args.wire, "wire")
     link = LinkConfig(address=args.cloud, tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
                       codec_up=args.wire_up or wire, codec_down=args.wire_down or wire,
                       int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size")),
-                      token=_device_token(args.token_file))
+                      token=device_token(args.token_file, os.environ))
     return run_eval(args, args.cache_dir or default_cache(), link, _given(args.max_length, "max_length"))
 
 

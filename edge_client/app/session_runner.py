@@ -79,19 +79,8 @@ class _Progress:
         write_status(self.dir, s)
 
 
-def _device_token(cfg: TrainConfig) -> str | None:
-    """The device token: the file `dlora train --detach --token-file` named (read afresh at every start, so a
-    replaced token takes effect on resume), else this process's $DLORA_TOKEN (the daemon's environment).
-
-    Raises:
-        ConfigError: the token file cannot be read or is empty.
-    """
-    from edge_client.remote.link import read_token_file
-
-    return read_token_file(cfg.token_file) if cfg.token_file else (os.environ.get("DLORA_TOKEN", "").strip() or None)
-
-
 def run(session_dir: Path) -> int:
+    from edge_client.remote.link import device_token
     from edge_client.remote.split_engine import SplitEngine
     from edge_client.train.engines import LocalEngine
     from edge_client.train.trainer import Stopped, train
@@ -105,7 +94,10 @@ def run(session_dir: Path) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        engine = SplitEngine(cfg, token=_device_token(cfg)) if request["kind"] == "train" else LocalEngine(cfg)
+        # the device token: the file `dlora train --detach --token-file` named, read afresh at every start (a
+        # replaced token takes effect on resume), else this process's $DLORA_TOKEN (the daemon's environment)
+        engine = (SplitEngine(cfg, token=device_token(cfg.token_file, os.environ)) if request["kind"] == "train"
+                  else LocalEngine(cfg))
         status["layers"] = engine.num_layers
         try:
             progress = _Progress(session_dir, status, cfg.output / "metrics.jsonl")

@@ -11,6 +11,7 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,16 @@ def read_token_file(path: Path) -> str:
     if Path(path).stat().st_mode & 0o077:
         log.warning("--token-file %s can be read by other users; chmod 600 it", path)
     return token
+
+
+def device_token(token_file: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The device token: --token-file's (read_token_file), else $DLORA_TOKEN of the entry point's `environ`,
+    else None (a cloud with --auth none).
+
+    Raises:
+        ConfigError: the token file cannot be read or is empty.
+    """
+    return read_token_file(token_file) if token_file else (environ.get("DLORA_TOKEN", "").strip() or None)
 
 
 def cloud_error(code: str, message: str) -> RemoteError:
