@@ -74,13 +74,18 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, sign
     return builder.sign(signer, hashes.SHA256())
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """What a key may do: the CA's signs certificates and CRLs, a leaf's signs and agrees keys (ECDHE)."""
+    return x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
+                         data_encipherment=False, key_agreement=not ca, key_cert_sign=ca, crl_sign=ca,
+                         encipher_only=False, decipher_only=False)
+
+
 def _leaf_extensions(ca_key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier
                      ) -> list[tuple[x509.ExtensionType, bool]]:
     return [
         (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
-                       data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                       encipher_only=False, decipher_only=False), True),
+        (_key_usage(ca=False), True),
         (x509.ExtendedKeyUsage([usage]), False),
         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
     ]
@@ -104,9 +109,7 @@ def make_certificates(hosts: list[str]) -> dict[str, bytes]:
     ca_name = _name("dlora CA")
     ca = _cert("dlora CA", ca_key, ca_name, ca_key, CA_DAYS, [
         (x509.BasicConstraints(ca=True, path_length=0), True),
-        (x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
-                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                       encipher_only=False, decipher_only=False), True),
+        (_key_usage(ca=True), True),
     ])
     server = _cert(hosts[0].strip().strip("[]"), server_key, ca_name, ca_key, LEAF_DAYS, [
         *_leaf_extensions(ca_key, ExtendedKeyUsageOID.SERVER_AUTH),

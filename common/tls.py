@@ -105,6 +105,17 @@ def read_ca(path: Path, flag: str) -> bytes:
     return data
 
 
+def _check_pair(cert: Path | None, key: Path | None, whose: str) -> None:
+    """--tls-cert and --tls-key come together or not at all.
+
+    Raises:
+        ConfigError: one without the other (one line naming both flags).
+    """
+    if (cert is None) != (key is None):
+        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        raise ConfigError(f"{given} needs {missing} too: pass {whose} certificate and its key together")
+
+
 # -- the cloud
 def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     """The serve config's TLS credentials (mTLS with --tls-client-ca), or None for plaintext, which only a
@@ -114,9 +125,7 @@ def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
         ConfigError: one of --tls-cert / --tls-key without the other, --tls-client-ca without them, a bad PEM
             file (read_pem, key_pair), or plaintext on a non-loopback address without --insecure.
     """
-    if (config.tls_cert is None) != (config.tls_key is None):
-        given, missing = ("--tls-cert", "--tls-key") if config.tls_cert else ("--tls-key", "--tls-cert")
-        raise ConfigError(f"{given} needs {missing} too: pass the server certificate and its key together")
+    _check_pair(config.tls_cert, config.tls_key, "the server")
     if config.tls_cert is None or config.tls_key is None:
         if config.tls_client_ca is not None:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS plus client certificates")
@@ -159,9 +168,7 @@ def client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = Non
     Raises:
         ConfigError: --tls-cert without --tls-key (or the reverse), either without --tls-ca, or a bad PEM file.
     """
-    if (cert is None) != (key is None):
-        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
-        raise ConfigError(f"{given} needs {missing} too: pass this device's certificate and its key together")
+    _check_pair(cert, key, "this device's")
     if ca is None:
         if cert is not None:
             raise ConfigError("--tls-cert and --tls-key need --tls-ca: the CA that signed the cloud's certificate")
