@@ -124,9 +124,8 @@ def _int8_encode(t: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.
     """(int8 values, float32 absmax per block), both on the CPU; the arithmetic runs where t lives.
 
     One temporary the size of t (|t|, then reused as the scaled values, rounded and clamped in place).
+    `block_size` is 1..MAX_BLOCK_SIZE (encode_into checks it).
     """
-    if block_size < 1:
-        raise ProtocolError(f"int8 block size must be >= 1, got {block_size}")
     flat = t.reshape(-1).to(torch.float32)
     n = flat.numel()
     pad = (-n) % block_size
