@@ -263,8 +263,7 @@ def _train(args: argparse.Namespace, split: bool) -> int:
         from edge_client.app.control import submit
 
         if cfg.token_file is not None:  # the daemon's session reads the file (the token never enters its state dir)
-            device_token(cfg.token_file, os.environ)
-            cfg = cfg.model_copy(update={"token_file": cfg.token_file.resolve()})
+            device_token(cfg.token_file, os.environ)  # unreadable or empty: refused here, before the daemon sees it
         elif split and os.environ.get("DLORA_TOKEN"):
             raise ConfigError("--detach: the daemon does not see this shell's $DLORA_TOKEN; "
                               "pass --token-file FILE instead")

@@ -81,7 +81,7 @@ def describe(s: pb.SessionStatus) -> str:
 def submit(address: str | None, cfg: TrainConfig, kind: str) -> int:
     cfg = cfg.model_copy(update={"model": cfg.model.resolve(), "data": cfg.data.resolve(),
                                  "output": cfg.output.resolve(), "progress": False,
-                                 **{f: getattr(cfg, f).resolve() for f in ("tls_ca", "tls_cert", "tls_key")
+                                 **{f: getattr(cfg, f).resolve() for f in ("tls_ca", "tls_cert", "tls_key", "token_file")
                                     if getattr(cfg, f) is not None}})  # the daemon works in another folder
     stub, where, channel = _stub(address)
     with channel:
