@@ -101,9 +101,9 @@ class Sessions:
         path = self.root / session_id
         path.mkdir(mode=0o700)
         (path / "request.json").write_text(request_json(cfg, kind))
-        write_status(path, {"session_id": session_id, "state": "queued", "kind": kind, "epochs": cfg.epochs,
-                            "output": str(cfg.output), "created": time.time()})
-        self.start(session_id)
+        status = {"session_id": session_id, "kind": kind, "epochs": cfg.epochs, "output": str(cfg.output),
+                  "created": time.time()}
+        self._launch(session_id, path, status)  # admitted just now: not again
         return read_status(path)
 
     def start(self, session_id: str) -> None:
@@ -122,6 +122,10 @@ class Sessions:
             status.update(state="failed", error=str(error))
             write_status(path, status)
             raise error from None
+        self._launch(session_id, path, status)
+
+    def _launch(self, session_id: str, path: Path, status: dict) -> None:
+        """Mark an admitted session queued and start its runner process."""
         status.update(state="queued", error="")
         write_status(path, status)
         with self.lock:
