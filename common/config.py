@@ -142,7 +142,11 @@ def field_default(config: type[BaseModel], name: str) -> Any:
 
 
 def check_int8_block_size(n: int) -> int:
-    """--int8-block-size for the commands without a TrainConfig (eval, bench): n, or ConfigError."""
+    """--int8-block-size for the commands without a TrainConfig (eval, bench): n, checked.
+
+    Raises:
+        ConfigError: n is not in 1..MAX_BLOCK_SIZE.
+    """
     if n < 1:
         raise ConfigError(f"--int8-block-size={n}: must be >= 1")
     if n > MAX_BLOCK_SIZE:

@@ -50,7 +50,12 @@ class LinkConfig:
 
     @classmethod
     def from_train(cls, cfg: TrainConfig, token: str | None = None) -> LinkConfig:
-        """The link of `dlora train`; `token` is what the entry point read (--token-file or $DLORA_TOKEN)."""
+        """The link of `dlora train`; `token` is what the entry point read (--token-file or $DLORA_TOKEN).
+
+        Raises:
+            ValueError: cfg has no cloud (a local-train config).
+            ConfigError: a TLS flag is incomplete or its PEM file bad (common.tls.client_tls).
+        """
         if cfg.cloud is None:
             raise ValueError("a split run needs cfg.cloud")
         return cls(address=cfg.cloud, codec_up=cfg.codec_up, codec_down=cfg.codec_down,
