@@ -128,10 +128,10 @@ class Sessions:
         """Mark an admitted session queued and start its runner process."""
         status.update(state="queued", error="")
         write_status(path, status)
-        with self.lock:
+        with open(path / "runner.err", "ab") as err, self.lock:  # the child keeps its copy; this one is closed
             self.procs[session_id] = subprocess.Popen(
                 [sys.executable, "-m", "edge_client.app.session_runner", str(path)],
-                stdout=subprocess.DEVNULL, stderr=open(path / "runner.err", "ab"), start_new_session=False,
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=False,
             )
         log.info("session %s started (pid %d)", session_id, self.procs[session_id].pid)
 
