@@ -167,7 +167,7 @@ def finished(cell: Cell, cells_dir: Path, settings: Settings) -> dict[str, Any] 
     return record
 
 
-PRIOR_S = {"eval": 90.0, "train": 300.0}  # a cell's seconds on 2 cores before any has been measured
+PRIOR_S = {"eval": 120.0, "train": 300.0}  # a cell's seconds on 2 cores before any has been measured
 # a task's cell time relative to the others', for estimates before it has run: BoolQ's items carry a passage
 # (~150 tokens, batches padded to the 256 cap) where the others have ~20-40 tokens
 TASK_COST = {"boolq": 3.0}

@@ -203,7 +203,10 @@ def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
     dates = sorted(r["date"] for r in records)
 
     def counted(d: dict[str, int]) -> str:
-        return "; ".join(f"`{k}` ({n} cells)" if "bench/" in k else f"{k} ({n} cells)" for k, n in d.items())
+        def n_cells(n: int) -> str:
+            return f"{n} cell" + ("s" if n != 1 else "")
+
+        return "; ".join(f"`{k}` ({n_cells(n)})" if "bench/" in k else f"{k} ({n_cells(n)})" for k, n in d.items())
 
     return [f"- machine: {counted(machines)}", f"- dates: {dates[0]} to {dates[-1]}", f"- commits: {counted(commits)}",
             f"- command: {counted(commands)}"]
