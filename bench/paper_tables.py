@@ -365,8 +365,8 @@ def run(args: argparse.Namespace, tasks: tuple[str, ...], cells: list[Cell], set
     g = Grid(model_dir, task_dirs, args.runs, args.cells, settings, command, provenance=provenance())
     state = Path(tempfile.mkdtemp(prefix="dlora-grid-cloud-"))
     cloud = CloudProcess(model_dir, extra=["--state-dir", str(state)])
-    print(f"dlora-cloud pid {cloud.proc.pid} on {cloud.address} (this command stops it; after a SIGKILL, stop it "
-          "by that pid)", file=sys.stderr, flush=True)
+    print(f"dlora-cloud pid {cloud.proc.pid} on {cloud.address}, state in {state} (this command stops it and "
+          "removes that; after a SIGKILL, stop it by that pid)", file=sys.stderr, flush=True)
     g.cloud = cloud.address
     try:
         summary = run_grid(g, cells, args.doc, args.max_hours, progress=not args.no_progress)

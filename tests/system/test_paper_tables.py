@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,8 +221,10 @@ def test_command_killed_mid_grid_resumes(tiny_dir, tmp_path):
         for line in err.read_text().splitlines():
             if "dlora-cloud pid" in line:
                 cloud_pid = int(line.split("dlora-cloud pid ")[1].split()[0])
-        if cloud_pid is not None and proc.returncode == -signal.SIGKILL:  # its child had no chance to stop
+                state = Path(line.split(", state in ")[1].split()[0])
+        if cloud_pid is not None and proc.returncode == -signal.SIGKILL:  # it had no chance to stop its child
             os.kill(cloud_pid, signal.SIGKILL)
+            shutil.rmtree(state, ignore_errors=True)
     assert cloud_pid is not None
     stamp = first.read_text()
     before = len(list((cells_dir / "colours").glob("*.json")))
