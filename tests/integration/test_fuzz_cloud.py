@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -37,6 +39,18 @@ from common.wire import codecs
 H, L = 32, 2  # the tiny llama's hidden size and layers
 TARGETS = ["self_attn.q_proj", "self_attn.v_proj"]
 RSS_LIMIT_MB = 50
+
+
+@contextmanager
+def peak_rss_growth_under_limit() -> Iterator[None]:
+    """The block's peak RSS growth in this process (the in-process cloud's), printed and held under RSS_LIMIT_MB."""
+    gc.collect()
+    reset_peak()
+    before = rss_mb()
+    yield
+    grown = rss_mb(peak=True) - before
+    print(f"\npeak RSS +{grown:.1f} MB")
+    assert grown < RSS_LIMIT_MB
 
 
 @pytest.fixture(scope="module")
@@ -165,28 +179,23 @@ def test_int8_block_size_bomb_is_refused_without_allocating(fuzz_cloud):
     grows < 50 MB over all three."""
     model_dir, server = fuzz_cloud
     channel = raw_channel(f"127.0.0.1:{server.port}")
-    gc.collect()
-    reset_peak()
-    before = rss_mb()
-    s = _session(channel, model_dir, codec_up=pb.INT8_BLOCKWISE)
-    bomb = codecs.encode(torch.randn(1, 1, H), "int8")
-    bomb.block_size = 2**32 - 1
-    s.send(step_begin=_begin(bomb, 1, 1))
-    error = s.recv().step_error
-    assert error.code == "INVALID_ARGUMENT" and f"block_size must be in 1..{2**24}, got {2**32 - 1}" in error.message
-    largest = codecs.encode(torch.randn(1, 1, H), "int8")
-    largest.block_size = 2**24
-    s.send(step_begin=_begin(largest, 1, 1))
-    assert [s.recv().WhichOneof("kind") for _ in range(2)] == ["hidden", "step_done"]
-    assert s.finish().code == grpc.StatusCode.OK
+    with peak_rss_growth_under_limit():
+        s = _session(channel, model_dir, codec_up=pb.INT8_BLOCKWISE)
+        bomb = codecs.encode(torch.randn(1, 1, H), "int8")
+        bomb.block_size = 2**32 - 1
+        s.send(step_begin=_begin(bomb, 1, 1))
+        error = s.recv().step_error
+        assert error.code == "INVALID_ARGUMENT" and f"block_size must be in 1..{2**24}, got {2**32 - 1}" in error.message
+        largest = codecs.encode(torch.randn(1, 1, H), "int8")
+        largest.block_size = 2**24
+        s.send(step_begin=_begin(largest, 1, 1))
+        assert [s.recv().WhichOneof("kind") for _ in range(2)] == ["hidden", "step_done"]
+        assert s.finish().code == grpc.StatusCode.OK
 
-    refused = RawStream(channel, timeout_s=30)
-    refused.send(hello=hello(model_dir, codec_down=pb.INT8_BLOCKWISE, block_size_down=2**32 - 1))
-    end = refused.finish()
-    assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "block_size_down" in end.details
-    grown = rss_mb(peak=True) - before
-    print(f"\npeak RSS +{grown:.1f} MB")
-    assert grown < RSS_LIMIT_MB
+        refused = RawStream(channel, timeout_s=30)
+        refused.send(hello=hello(model_dir, codec_down=pb.INT8_BLOCKWISE, block_size_down=2**32 - 1))
+        end = refused.finish()
+        assert end.code == grpc.StatusCode.INVALID_ARGUMENT and "block_size_down" in end.details
     channel.close()
 
 
@@ -203,17 +212,12 @@ def test_shape_bombs_are_refused_without_allocating(shape, code, words, fuzz_clo
     (RESOURCE_EXHAUSTED over --max-tokens, else INVALID_ARGUMENT) before any allocation; RSS grows < 50 MB."""
     model_dir, server = fuzz_cloud
     channel = raw_channel(f"127.0.0.1:{server.port}")
-    gc.collect()
-    reset_peak()
-    before = rss_mb()
-    s = _session(channel, model_dir)
-    s.send(step_begin=_begin(pb.Tensor(shape=shape, codec=pb.FLOAT32, data=bytes(128)), 1, 1))
-    error = s.recv().step_error
-    assert error.code == code and words in error.message and "\n" not in error.message, error
-    assert s.finish().code == grpc.StatusCode.OK
-    grown = rss_mb(peak=True) - before
-    print(f"\npeak RSS +{grown:.1f} MB")
-    assert grown < RSS_LIMIT_MB
+    with peak_rss_growth_under_limit():
+        s = _session(channel, model_dir)
+        s.send(step_begin=_begin(pb.Tensor(shape=shape, codec=pb.FLOAT32, data=bytes(128)), 1, 1))
+        error = s.recv().step_error
+        assert error.code == code and words in error.message and "\n" not in error.message, error
+        assert s.finish().code == grpc.StatusCode.OK
     channel.close()
 
 
@@ -222,22 +226,17 @@ def test_a_reply_shape_bomb_in_a_running_step_is_refused(fuzz_cloud):
     2**40 tokens) in 16 bytes is a StepError INVALID_ARGUMENT, RSS growing < 50 MB."""
     model_dir, server = fuzz_cloud
     channel = raw_channel(f"127.0.0.1:{server.port}")
-    gc.collect()
-    reset_peak()
-    before = rss_mb()
-    s = _session(channel, model_dir)
-    for step, shape in enumerate([(1, 3, 2**40), (2**40, 3, 48)]):
-        begin = _begin(codecs.encode(torch.randn(1, 3, H), "float32"), 1, 3, [pb.FORWARD] * L)
-        begin.step = step
-        s.send(step_begin=begin)
-        assert s.recv().WhichOneof("kind") == "lora_forward"
-        s.send(lora_delta=pb.LoraDelta(step=step, layer=0, delta=pb.Tensor(shape=shape, codec=pb.FLOAT32, data=bytes(16))))
-        error = s.recv().step_error
-        assert error.code == "INVALID_ARGUMENT" and "shape" in error.message
-    assert s.finish().code == grpc.StatusCode.OK
-    grown = rss_mb(peak=True) - before
-    print(f"\npeak RSS +{grown:.1f} MB")
-    assert grown < RSS_LIMIT_MB
+    with peak_rss_growth_under_limit():
+        s = _session(channel, model_dir)
+        for step, shape in enumerate([(1, 3, 2**40), (2**40, 3, 48)]):
+            begin = _begin(codecs.encode(torch.randn(1, 3, H), "float32"), 1, 3, [pb.FORWARD] * L)
+            begin.step = step
+            s.send(step_begin=begin)
+            assert s.recv().WhichOneof("kind") == "lora_forward"
+            s.send(lora_delta=pb.LoraDelta(step=step, layer=0, delta=pb.Tensor(shape=shape, codec=pb.FLOAT32, data=bytes(16))))
+            error = s.recv().step_error
+            assert error.code == "INVALID_ARGUMENT" and "shape" in error.message
+        assert s.finish().code == grpc.StatusCode.OK
     channel.close()
 
 
