@@ -209,12 +209,19 @@ class CloudLink:
         return self._bytes_up, self._bytes_down
 
     # -- messages
+    def _count_message(self, traffic: Traffic, frame: Frame, direction: str) -> None:
+        """Count one message and its tensor payload in `traffic` (direction: "up" or "down")."""
+        with self._count:
+            if direction == "up":
+                traffic.payload_up += _payload(frame.msg)
+            else:
+                traffic.payload_down += _payload(frame.msg)
+            kind = f"{direction}:{frame.kind}"
+            traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+
     def send(self, frame: Frame, traffic: Traffic) -> None:
         """Queue a message for the cloud, counting it in `traffic`."""
-        with self._count:
-            traffic.payload_up += _payload(frame.msg)
-            kind = "up:" + frame.kind
-            traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        self._count_message(traffic, frame, "up")
         self._outbox.put(frame)
 
     def fail(self, error: Exception) -> None:
@@ -247,10 +254,7 @@ class CloudLink:
         if isinstance(item, Exception):
             raise item
         frame: Frame = item  # type: ignore[assignment]
-        with self._count:
-            traffic.payload_down += _payload(frame.msg)
-            kind = "down:" + frame.kind
-            traffic.messages[kind] = traffic.messages.get(kind, 0) + 1
+        self._count_message(traffic, frame, "down")
         return frame
 
     # -- tensors, in the session's codecs
