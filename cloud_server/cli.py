@@ -45,6 +45,9 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
                    help=f"live sessions one device token may hold, on all workers (default {_default('max_sessions_per_token')})")
     s.add_argument("--max-micro-batches", type=int, default=None,
                    help=f"micro-batches a session may have running at once (default {_default('max_micro_batches')})")
+    s.add_argument("--max-adapter-mb", type=int, default=None,
+                   help="adapter protocol: the most LoRA weights (MB, float32) one session may make this cloud hold; "
+                        f"a larger rank x targets is refused at the Hello (default {_default('max_adapter_mb')})")
     s.add_argument("--max-tokens", type=int, default=None,
                    help="tokens (B x T) a session may have in flight: a step's micro-batches together "
                         f"(default {_default('max_tokens')})")

@@ -120,7 +120,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be hello")
             hello = first.msg.hello
             session_id = hello.session_id or new_session_id()
-            spec = open_spec(hello, self.stack, session_id)
+            spec = open_spec(hello, self.stack, session_id, self.config.max_adapter_mb)
             if hello.session_id:  # read-only: a resume of another token's, or an unknown, session writes nothing
                 self._check_resume(spec, list(hello.targets), caller)
             slot = self._admit(session_id, caller.name)  # over a limit: refused before anything is written
@@ -141,7 +141,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
                  caller.name or "-", ",".join(hello.targets), spec.codec_up, spec.codec_down)
         stream.send(pb.CloudMessage(welcome=pb.Welcome(
             session_id=session_id, protocol=PROTOCOL, num_layers=self.stack.num_layers,
-            model_type=self.stack.config.model_type, server_version=VERSION)))
+            model_type=self.stack.config.model_type, server_version=VERSION,
+            step_protocol=pb.ADAPTER if spec.lora is not None else pb.LAYERWISE)))
         worker = threading.Thread(target=self._serve, args=(stream, spec, caller, context, slot), daemon=True, name=f"session-{session_id}")
         worker.start()
         yield from stream.responses()

@@ -1,10 +1,12 @@
 """One training session on the cloud: what the Hello fixed, and the loop that serves the stream.
 
 A session opens with a Hello (`open_spec` checks it against the hosted model and fixes the
-`SessionSpec`). Then `run_session` reads the edge's messages in order and routes each by kind:
-a StepBegin starts a micro-batch (`cloud_server.step.StepRun`) on the shared compute pool, the
-edge's replies inside a micro-batch go to the one they name, and an EpochReport goes through Redis
-to the Kill-and-Revive scheduler (`answer_report`). Many micro-batches of a session may run at once.
+`SessionSpec`, with its step protocol). Then `run_session` reads the edge's messages in order and
+routes each by kind: a StepBegin starts a micro-batch (`cloud_server.step.StepRun`) on the shared
+compute pool, the edge's replies inside a micro-batch go to the one they name, a StepWeights
+(adapter protocol) updates the stream's weights and opens a step (`cloud_server.adapter`), and an
+EpochReport goes through Redis to the Kill-and-Revive scheduler (`answer_report`). Many
+micro-batches of a session may run at once.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cloud_server.adapter import AdapterStep, LoraSpec, WeightCache
 from cloud_server.kr_queue import KRQueue
 from cloud_server.stack import DecoderStack
 from cloud_server.step import StepRun
 from cloud_server.stream import EdgeStream
-from common.config import ServeConfig
+from common.config import STEP_PROTOCOLS, WEIGHT_CODECS, ServeConfig
 from common.errors import ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig, KRState
 from common.wire import codecs
+from common.wire.adapter import AdapterLayout
 from common.wire.frames import Frame
 from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, PROTOCOL, WIRE_CODECS
 
@@ -50,19 +54,51 @@ class SessionSpec:
     codec_down: str
     block_size_down: int
     kr: KRConfig
+    lora: LoraSpec | None = None  # the adapter protocol's LoRA settings; None: layerwise
+
+    @property
+    def protocol(self) -> str:
+        return "adapter" if self.lora is not None else "layerwise"
 
     def record(self, fingerprint: str, targets: list[str]) -> dict:
         """What must match when an edge resumes this session (stored in Redis)."""
         return {"fingerprint": fingerprint, "targets": list(targets), "codec_up": self.codec_up,
-                "codec_down": self.codec_down, "kr": self.kr.__dict__}
+                "codec_down": self.codec_down, "kr": self.kr.__dict__, "protocol": self.protocol,
+                **({"lora": self.lora.record()} if self.lora is not None else {})}
 
 
-def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionSpec:
+def _lora_spec(hello: pb.Hello, stack: DecoderStack, groups: list[tuple[str, ...]], max_adapter_mb: int) -> LoraSpec:
+    """The adapter protocol's LoRA settings from a Hello, checked before the session holds any weights.
+
+    Raises:
+        ProtocolError: a rank, alpha, dropout or weights codec out of range, or an adapter over --max-adapter-mb.
+    """
+    paths = tuple(p for g in groups for p in g)
+    rank = hello.lora_rank
+    if rank < 1:
+        raise ProtocolError("adapter protocol: lora_rank must be >= 1")
+    if not (math.isfinite(hello.lora_alpha) and hello.lora_alpha > 0):
+        raise ProtocolError("adapter protocol: lora_alpha must be finite and > 0")
+    if not 0 <= hello.lora_dropout < 1:
+        raise ProtocolError("adapter protocol: lora_dropout must be in [0, 1)")
+    codec = codecs.BY_ENUM[hello.codec_weights].name if hello.codec_weights in codecs.BY_ENUM else "float32"
+    if hello.codec_weights and codec not in WEIGHT_CODECS:
+        raise ProtocolError(f"adapter protocol: codec_weights must be one of {', '.join(WEIGHT_CODECS)}")
+    layout = AdapterLayout(stack.num_layers, rank, tuple((stack.in_width(p), stack.out_width(p)) for p in paths))
+    mb = 4 * layout.total_numel(range(layout.num_modules)) / 2**20  # held as float32
+    if mb > max_adapter_mb:
+        raise ProtocolError(f"adapter protocol: a rank-{rank} adapter on {len(paths)} targets x {stack.num_layers} layers "
+                            f"is {mb:.0f} MB, this cloud holds at most {max_adapter_mb} MB per session "
+                            "(--max-adapter-mb); lower --rank or use fewer --targets")
+    return LoraSpec(layout, hello.lora_alpha, hello.lora_dropout, hello.dropout_seed, codec, paths)
+
+
+def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str, max_adapter_mb: int = 512) -> SessionSpec:
     """Check a Hello against the hosted model and fix the session's shape.
 
     Raises:
         SessionError: protocol or base model differ.
-        ProtocolError: unknown targets or codecs.
+        ProtocolError: unknown targets, codecs or step protocol, or bad LoRA settings (adapter).
     """
     if hello.protocol != PROTOCOL:
         raise SessionError(f"edge speaks protocol {hello.protocol!r}, this cloud speaks {PROTOCOL!r}; upgrade one side")
@@ -91,7 +127,10 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str) -> SessionS
     block = hello.block_size_down or DEFAULT_BLOCK_SIZE
     if block > MAX_BLOCK_SIZE:  # what this cloud would encode with, and what the edge would refuse
         raise ProtocolError(f"block_size_down {block}: int8 blocks hold at most {MAX_BLOCK_SIZE} elements")
-    return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr)
+    if hello.step_protocol not in (pb.LAYERWISE, pb.ADAPTER):
+        raise ProtocolError(f"step_protocol {hello.step_protocol}: this cloud speaks {', '.join(STEP_PROTOCOLS)}")
+    lora = _lora_spec(hello, stack, groups, max_adapter_mb) if hello.step_protocol == pb.ADAPTER else None
+    return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr, lora)
 
 
 def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeout_s: float) -> pb.CloudMessage:
@@ -140,9 +179,13 @@ class _Dispatcher:
         self.quiet_since = time.monotonic()  # the edge's last message, or the last micro-batch's end
         self.lock = threading.Lock()  # guards `running` and `failures`: micro-batches end on pool threads
         self.failures: list[BaseException] = []  # errors of micro-batches that end the session
+        # adapter protocol: this stream's weights, and the step the last StepWeights opened
+        self.cache = WeightCache(spec.lora, stack.device) if spec.lora is not None else None
+        self.adapter_step: AdapterStep | None = None
         self.handlers: dict[str, Callable[[Frame], None]] = {
             "step_begin": self._start_step,
             "epoch_report": self._report_epoch,
+            "step_weights": self._take_weights,
             **dict.fromkeys(STEP_REPLIES, self._deliver),
         }
 
@@ -196,7 +239,7 @@ class _Dispatcher:
                 raise ProtocolError(f"step {body.step} micro-batch {body.micro_batch} is already running")
             tokens, refusal = self._over_limit(body)
             if refusal is None:
-                run = StepRun(msg, self.spec, self.stream, self.stack, self._finished)
+                run = StepRun(msg, self.spec, self.stream, self.stack, self._finished, self.adapter_step)
                 self.running[key], self.tokens[key] = run, tokens
         if refusal is not None:
             log.warning("session %s: %s", self.spec.session_id, refusal)
@@ -221,6 +264,23 @@ class _Dispatcher:
             return tokens, (f"{where}: {in_flight} tokens (B x T) in flight, this cloud takes at most "
                             f"{self.limits.max_tokens} per session (--max-tokens); lower --batch-size or --max-length")
         return tokens, None
+
+    def _take_weights(self, msg: Frame) -> None:
+        """Adapter protocol: add a StepWeights' weights to the stream's cache and open its step; a bad one
+        is answered with a StepError and changes nothing (the session stays usable)."""
+        body: pb.StepWeights = msg.body
+        try:
+            if self.cache is None:
+                raise ProtocolError("StepWeights in a layerwise session; open it with step_protocol ADAPTER")
+            with self.lock:
+                if self.running:
+                    raise ProtocolError(f"StepWeights of step {body.step} while micro-batches are still running")
+            self.adapter_step = None
+            self.adapter_step = self.cache.update(msg, self.limits.max_micro_batches)
+        except ProtocolError as e:
+            log.warning("session %s: %s", self.spec.session_id, e)
+            self.stream.send(pb.CloudMessage(step_error=pb.StepError(
+                step=body.step, code="INVALID_ARGUMENT", message=str(e))))
 
     def _finished(self, run: StepRun) -> None:
         with self.lock:

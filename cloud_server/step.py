@@ -12,6 +12,10 @@ The order of one micro-batch, as `StepRun.run` performs it:
 3. send Hidden; when training, await HiddenGrad and backpropagate, which sends LoraBackward and
    awaits LoraGrad for each layer that takes part;
 4. answer StepDone (or StepError) and tell the session the micro-batch has ended.
+
+In an adapter-protocol session (cloud_server/adapter.py) step 2 asks no one: the slots get their
+deltas from the micro-batch's `CloudLora`, and step 3 sends no LoraBackward; after the backward the
+micro-batch hands its gradients to the step, and the step's last micro-batch sends LoraGrads.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cloud_server.adapter import AdapterStep, CloudLora
 from cloud_server.stack import DecoderStack, active_step
 from cloud_server.stream import EdgeStream
 from common.errors import ProtocolError, SessionError, status_of
@@ -93,8 +98,11 @@ class StepRun:
     """
 
     def __init__(self, frame: Frame, spec: SessionSpec, stream: EdgeStream, stack: DecoderStack,
-                 on_exit: Callable[[StepRun], None]) -> None:
+                 on_exit: Callable[[StepRun], None], adapter_step: AdapterStep | None = None) -> None:
+        """adapter_step: in an adapter session, the step the last StepWeights opened (None: none was sent)."""
         self.frame, self.spec, self.stream, self.stack = frame, spec, stream, stack
+        self.adapter_step = adapter_step
+        self.lora: CloudLora | None = None  # adapter protocol: this micro-batch's LoRA
         begin: pb.StepBegin = frame.body
         self.step, self.mb = begin.step, begin.micro_batch
         self.key = (self.step, self.mb)  # how the session finds this micro-batch
@@ -115,6 +123,10 @@ class StepRun:
         started = time.perf_counter()
         try:
             emb, mask, self.shape = check_begin(self.frame, self.spec, self.stack)
+            if self.spec.lora is not None:
+                if self.adapter_step is None:
+                    raise ProtocolError(f"step {self.step}: an adapter session sends StepWeights before its StepBegins")
+                self.lora = self.adapter_step.begin(self.frame.body)
             self._execute(emb, mask)
             self.stream.send(pb.CloudMessage(step_done=pb.StepDone(
                 step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started)))
@@ -151,6 +163,10 @@ class StepRun:
         )
         if hidden.requires_grad:  # False when no layer takes part in backward
             torch.autograd.backward(hidden, grad)
+        if self.lora is not None and self.adapter_step is not None:
+            grads = self.adapter_step.deposit(self.mb, self.lora.grads())
+            if grads is not None:  # this was the step's last micro-batch
+                self.stream.send(grads)
 
     # -- called by the slots, inside the stack's forward
     def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -162,6 +178,8 @@ class StepRun:
         Raises:
             RuntimeError: the family table groups targets that do not read the same input.
         """
+        if self.lora is not None:
+            return self.lora.delta(layer, path, x)
         targets = self.spec.groups[group]
         if path not in targets or self.roles[layer] == pb.ABSENT:
             return None

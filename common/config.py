@@ -19,10 +19,14 @@ if TYPE_CHECKING:
     import torch
 
 KillMode = Literal["frozen", "detached", "dropped"]
+StepProtocolName = Literal["layerwise", "adapter"]  # dlora.v1.StepProtocol, lower case, in enum order
+WeightCodec = Literal["float32", "bfloat16"]  # the adapter protocol's codecs for LoRA weights and their gradients
 Device = Literal["cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 KILL_MODES: tuple[str, ...] = get_args(KillMode)  # what --kill-mode accepts
 DEVICES: tuple[str, ...] = get_args(Device)  # what --device (and the bench's --cloud-device) accept
+STEP_PROTOCOLS: tuple[str, ...] = get_args(StepProtocolName)  # what --protocol accepts
+WEIGHT_CODECS: tuple[str, ...] = get_args(WeightCodec)  # what --weights-wire accepts
 DTYPES: tuple[str, ...] = get_args(Dtype)  # what --dtype (and the bench's --local-dtype, --cloud-dtype) accept
 MAX_MESSAGE_MB = 512  # gRPC send/receive limit, set on both ends: the cloud's and the device's default
 
@@ -72,6 +76,7 @@ class ServeConfig(_Frozen):
     auth: Literal["token", "none"] | None = None  # None: none on a loopback host, token on any other
     max_sessions_per_token: int = Field(4, ge=1)  # concurrent sessions one device token may hold (all workers)
     max_micro_batches: int = Field(8, ge=1)  # micro-batches in flight per session
+    max_adapter_mb: int = Field(512, ge=1)  # adapter protocol: LoRA weights one session may make the cloud hold
     hello_timeout_s: float = Field(10.0, gt=0)  # a stream that has not said Hello by then is closed
     idle_timeout_s: float = Field(3600.0, gt=0)  # a session stream with no message for this long between steps is closed
     keepalive_s: float = Field(30.0, gt=0)  # HTTP/2 ping interval; a peer that does not answer within it is dropped
@@ -103,6 +108,8 @@ class TrainConfig(_Frozen):
     wire_down: str | None = None  # codec of what the cloud sends (layer inputs, dL/d(delta), final hidden)
     int8_block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=MAX_BLOCK_SIZE)  # elements per absmax scale, both directions
     micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
+    protocol: StepProtocolName = "layerwise"  # layerwise: LoRA on the device (the paper); adapter: LoRA weights to the cloud
+    weights_wire: WeightCodec = "float32"  # adapter: codec of the LoRA weights and their gradients
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)

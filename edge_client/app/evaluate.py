@@ -129,7 +129,7 @@ def run_eval(args: argparse.Namespace, cache: Path, link_config: LinkConfig, max
         adapter.eval()
     else:
         edge = EdgeModel(args.model)
-    link = CloudLink(link_config, edge)
+    link = CloudLink(link_config, edge, lora=adapter)
     link.open()
     results = {}
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from common.config import TrainConfig
+from common.config import StepProtocolName, TrainConfig, WeightCodec
 from common.errors import ConfigError, ProtocolError, RemoteError, one_line
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision, KRConfig
@@ -27,6 +27,7 @@ from common.wire import codecs, frames
 from common.wire.frames import Frame
 from common.wire.protocol import AUTH_METADATA, PROTOCOL, SESSION_ID_HEX, SESSION_METHOD, channel_options, is_session_id
 from edge_client.train.engines import Traffic
+from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class LinkConfig:
     connect_timeout_s: float = _TRAIN["connect_timeout_s"].default  # to reach the cloud at session start
     reply_timeout_s: float = _TRAIN["reply_timeout_s"].default  # longest wait for one cloud message
     max_message_mb: int = _TRAIN["max_message_mb"].default  # gRPC message limit, set on both ends
+    protocol: StepProtocolName = _TRAIN["protocol"].default  # layerwise (LoRA here) | adapter (LoRA weights to the cloud)
+    weights_wire: WeightCodec = _TRAIN["weights_wire"].default  # adapter: codec of LoRA weights and their gradients
     tls: ClientTLS | None = None  # TLS to the cloud (PEM bytes of --tls-ca [--tls-cert --tls-key]); None: plaintext
     token: str | None = field(default=None, repr=False)  # this device's token for `serve --auth token`; never logged
 
@@ -61,6 +64,7 @@ class LinkConfig:
         return cls(address=cfg.cloud, codec_up=cfg.codec_up, codec_down=cfg.codec_down,
                    int8_block_size=cfg.int8_block_size, connect_timeout_s=cfg.connect_timeout_s,
                    reply_timeout_s=cfg.reply_timeout_s, max_message_mb=cfg.max_message_mb, token=token,
+                   protocol=cfg.protocol, weights_wire=cfg.weights_wire,
                    tls=client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key))
 
 
@@ -112,10 +116,17 @@ class CloudLink:
         ProtocolError: the cloud sent something the session does not expect.
     """
 
-    def __init__(self, config: LinkConfig, edge: EdgeModel, kr: KRConfig | None = None) -> None:
+    def __init__(self, config: LinkConfig, edge: EdgeModel, kr: KRConfig | None = None,
+                 lora: LoraAdapter | None = None) -> None:
+        """lora: the adapter whose settings an adapter-protocol Hello carries; without one the session is
+        layerwise whatever config.protocol says (no LoRA: both protocols move the same messages)."""
         self.config, self.edge = config, edge
         self.address = config.address
         self.kr = kr or KRConfig(num_layers=edge.num_layers)
+        self.lora = lora
+        self.protocol = config.protocol if lora is not None else "layerwise"
+        # adapter protocol: module -> copies of the (A, B) the cloud holds on this stream; a new stream holds none
+        self.cloud_holds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.session_id = ""  # set by open(); a non-empty id resumes that session
         self._channel: grpc.Channel | None = None
         self._reader: threading.Thread | None = None
@@ -142,15 +153,21 @@ class CloudLink:
         self._call = session(iter(self._outbox.get, _END), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.cloud_holds = {}
         cfg = self.config
-        self.send(Frame(pb.EdgeMessage(hello=pb.Hello(
+        hello = pb.Hello(
             protocol=PROTOCOL, model_fingerprint=self.edge.fingerprint, session_id=self.session_id,
             targets=list(self.edge.target_paths), codec_up=codecs.codec_spec(cfg.codec_up).codec,
             codec_down=codecs.codec_spec(cfg.codec_down).codec, block_size_down=cfg.int8_block_size,
             client_name=socket.gethostname(),
             warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
             kill_threshold=self.kr.kill_threshold or 0.0,
-        ))), Traffic())
+        )
+        if self.protocol == "adapter" and self.lora is not None:
+            hello.step_protocol = pb.ADAPTER
+            hello.lora_rank, hello.lora_alpha, hello.lora_dropout = self.lora.rank, self.lora.alpha, self.lora.dropout_p
+            hello.dropout_seed, hello.codec_weights = self.lora.seed, codecs.codec_spec(cfg.weights_wire).codec
+        self.send(Frame(pb.EdgeMessage(hello=hello)), Traffic())
         first = self.recv(Traffic())
         if first.kind != "welcome":
             raise ProtocolError(f"dlora-cloud at {self.address} answered the Hello with {first.kind or 'no message kind'}")
@@ -160,6 +177,10 @@ class CloudLink:
                                 f"not {SESSION_ID_HEX} hex digits")
         if welcome.num_layers != self.edge.num_layers:
             raise ProtocolError(f"cloud hosts {welcome.num_layers} layers, the edge model has {self.edge.num_layers}")
+        if welcome.step_protocol != hello.step_protocol:
+            runs = {v: k for k, v in pb.StepProtocol.items()}.get(welcome.step_protocol, welcome.step_protocol)
+            raise ProtocolError(f"dlora-cloud at {self.address} runs step protocol {runs}, this device asked for "
+                                f"{self.protocol}; upgrade dlora-cloud or use --protocol layerwise")
         self.session_id = welcome.session_id
         log.info("session %s on %s (%s, %d layers)", self.session_id, self.address, welcome.model_type,
                  welcome.num_layers)

@@ -10,6 +10,12 @@ come when. `RemoteStep` sends every micro-batch's StepBegin, then answers each c
 - StepDone: that micro-batch is finished.
 The link (link.py) only moves and counts the messages.
 
+In the adapter protocol (the link's `protocol`) the cloud runs LoRA itself: before the StepBegins
+this side sends StepWeights (the modules of the present layers the cloud does not hold yet on this
+stream, compared by value, so a killed module's unchanged weights go once), there are no LoraForward
+or LoraBackward calls, and after the step's last micro-batch the cloud sends LoraGrads, the trained
+modules' gradients summed over the micro-batches, which land in the parameters' .grad.
+
 `RemoteStack.forward(embeddings, mask, roles) -> hidden` is the same exchange without training: the
 frozen stack on the cloud as a plain function, for evaluation.
 """
@@ -74,6 +80,8 @@ class RemoteStep:
         """
         link = self.link
         up0, down0 = link.bytes_totals()
+        adapter = link.protocol == "adapter"
+        trained = self._send_weights(len(parts)) if adapter else []
         for mb, part in enumerate(parts):
             self._shapes[mb] = tuple(part.attention_mask.shape)  # type: ignore[assignment]
             msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=self.step, micro_batch=mb, train=self.train,
@@ -84,22 +92,27 @@ class RemoteStep:
                 "attention_mask": codecs.encode_into(begin.attention_mask, part.attention_mask, "uint8"),  # 0/1
             }), self.traffic)
         pending = set(self._shapes)
+        grads_due = adapter and self.train  # one LoraGrads per training step
         try:
-            while pending:
+            while pending or grads_due:
                 frame = link.recv(self.traffic)
                 kind, body = frame.kind, frame.body
                 if kind == "step_error":
                     link.close()  # other micro-batches may still be in flight: this stream is spent
                     raise cloud_error(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
+                if kind == "lora_grads" and grads_due and body.step == self.step:
+                    self._on_lora_grads(frame, trained)
+                    grads_due = False
+                    continue
                 mb = getattr(body, "micro_batch", -1)
                 if getattr(body, "step", -1) != self.step or mb not in pending:
                     raise ProtocolError(f"cloud sent {kind} for step {getattr(body, 'step', '?')}/{mb} "
                                         f"during step {self.step}")
-                if kind == "lora_forward":
+                if kind == "lora_forward" and not adapter:
                     self._on_lora_forward(frame)
                 elif kind == "hidden":
                     self._on_hidden(frame, in_background=len(parts) > 1)
-                elif kind == "lora_backward":
+                elif kind == "lora_backward" and not adapter:
                     self._on_lora_backward(frame)
                 elif kind == "step_done":
                     pending.discard(mb)
@@ -112,6 +125,45 @@ class RemoteStep:
         finally:
             self._saved.clear()
 
+    # -- the adapter protocol
+    def _send_weights(self, micro_batches: int) -> list[int]:
+        """Send the step's StepWeights; the modules whose gradients the cloud will return (ascending)."""
+        holds = self.link.cloud_holds
+        sent: list[int] = []  # modules of the present layers the cloud does not hold as they are now
+        trained: list[int] = []
+        pairs: list[torch.nn.Module] = []
+        flat = torch.empty(0)
+        if self.lora is not None:
+            layout = self.lora.layout()
+            for layer, role in enumerate(self.roles):
+                for t in range(layout.per_layer if role != pb.ABSENT else 0):
+                    m = layout.module(layer, t)  # = its index in lora.pairs
+                    pair = self.lora.pairs[m]
+                    if not _same(holds.get(m), pair):
+                        sent.append(m)
+                        pairs.append(pair)
+                    if self.train and role == pb.FORWARD_BACKWARD and pair.A.requires_grad:
+                        trained.append(m)
+            flat = layout.pack([w for p in pairs for w in (p.A, p.B)])
+        msg = pb.EdgeMessage(step_weights=pb.StepWeights(step=self.step, micro_batches=micro_batches, train=self.train,
+                                                         modules=sent, trained=trained))
+        data = codecs.encode_into(msg.step_weights.weights, flat, self.link.config.weights_wire)
+        for m, p in zip(sent, pairs):
+            holds[m] = (p.A.detach().clone(), p.B.detach().clone())
+        self.link.send(Frame(msg, {"weights": data}), self.traffic)
+        return trained
+
+    def _on_lora_grads(self, frame: Frame, trained: list[int]) -> None:
+        body: pb.LoraGrads = frame.body
+        if list(body.modules) != trained or self.lora is None:
+            raise ProtocolError(f"cloud sent LoRA gradients of other modules than step {self.step} trains")
+        layout = self.lora.layout()
+        flat = codecs.decode(body.grads, f"LoraGrads of step {self.step}", (layout.total_numel(trained),),
+                             self.link.config.weights_wire, payload=frame.payloads.get("grads"), device=self.lora.edge.device)
+        for m, (da, db) in zip(trained, layout.unpack(flat, trained)):
+            for param, grad in ((self.lora.pairs[m].A, da), (self.lora.pairs[m].B, db)):
+                param.grad = grad.clone() if param.grad is None else param.grad + grad
+
     # -- answers
     def _on_lora_forward(self, frame: Frame) -> None:
         body: pb.LoraForward = frame.body
@@ -121,14 +173,15 @@ class RemoteStep:
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
         b, t = self._shapes[mb]
         x = self.link.decode(frame, "x", f"LoraForward layer {layer}", (b, t, lora.group_in_width(layer, group)))
+        drawn = (self.step, mb) if self.train else None  # keys the dropout masks; none in evaluation
         if self.train and self.roles[layer] == pb.FORWARD_BACKWARD:
             x = x.detach().requires_grad_(True)  # (b, t, H): its .grad is dL/dx after the backward
             with torch.enable_grad():
-                delta = lora.delta(layer, group, x)  # (b, t, O)
+                delta = lora.delta(layer, group, x, drawn)  # (b, t, O)
             self._saved[(mb, layer, group)] = (x, delta)
         else:
             with torch.no_grad():
-                delta = lora.delta(layer, group, x)
+                delta = lora.delta(layer, group, x, drawn)
         msg = pb.EdgeMessage(lora_delta=pb.LoraDelta(step=self.step, micro_batch=mb, layer=layer, group=group))
         self.link.send(Frame(msg, {"delta": self.link.encode_into(msg.lora_delta.delta, delta.detach())}), self.traffic)
 
@@ -170,6 +223,11 @@ class RemoteStep:
             self._answer_hidden(mb, h)
         except Exception as e:  # noqa: BLE001 - raised again in run(), by the link's recv
             self.link.fail(e)
+
+
+def _same(held: tuple[torch.Tensor, torch.Tensor] | None, pair: torch.nn.Module) -> bool:
+    """Whether the cloud holds exactly this module's current weights."""
+    return held is not None and torch.equal(held[0], pair.A) and torch.equal(held[1], pair.B)
 
 
 class RemoteStack:

@@ -29,7 +29,8 @@ class SplitEngine:
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
-        self.link = CloudLink(LinkConfig.from_train(cfg, token), self.edge, kr_config(cfg, self.num_layers))
+        self.link = CloudLink(LinkConfig.from_train(cfg, token), self.edge, kr_config(cfg, self.num_layers),
+                              lora=self.adapter)
         self.link.open()
         self.micro_batches = cfg.micro_batches
         # computes micro-batches' heads while the step's thread answers the others' layer calls (M > 1);
@@ -80,14 +81,10 @@ class SplitEngine:
         parts: list[MicroBatch] = []
         labels: list[torch.Tensor] = []
         dev = self.edge.device
-        for ids, mask, lab in zip(*(t.to(dev).tensor_split(self.micro_batches) for t in
-                                    (batch.input_ids, batch.attention_mask, batch.labels))):
-            if ids.shape[0] == 0:
-                continue
-            width = int(mask.sum(dim=1).max())  # drop the padding columns this micro-batch does not need
+        for part in batch.split(self.micro_batches):
             with torch.no_grad():
-                parts.append(MicroBatch(self.edge.embed(ids[:, :width]), mask[:, :width].cpu()))  # (b, t, E)
-            labels.append(lab[:, :width])
+                parts.append(MicroBatch(self.edge.embed(part.input_ids.to(dev)), part.attention_mask))  # (b, t, E)
+            labels.append(part.labels.to(dev))
         losses: dict[int, float] = {}
 
         def head(mb: int, h: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,18 @@ class Batch:
         """Tokens that contribute to the loss (after the causal shift)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
 
+    def split(self, m: int) -> list[Batch]:
+        """The batch as up to m micro-batches of consecutive rows (tensor_split), each without the
+        padding columns none of its rows needs. Every engine splits a step this way, so that with the
+        same M they see the same shapes (and draw the same dropout masks)."""
+        out = []
+        for ids, mask, lab in zip(*(t.tensor_split(m) for t in (self.input_ids, self.attention_mask, self.labels))):
+            if ids.shape[0] == 0:
+                continue
+            width = int(mask.sum(dim=1).max())
+            out.append(Batch(ids[:, :width], mask[:, :width], lab[:, :width]))
+        return out
+
 
 def read_jsonl(path: Path, required: tuple[tuple[str, ...], ...]) -> list[dict]:
     """Lines of a JSONL file, each holding one of the `required` field sets.

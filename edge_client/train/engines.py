@@ -4,9 +4,10 @@
   this device; the frozen decoder blocks on dlora-cloud, over one gRPC session.
 - LocalEngine: plain `peft.get_peft_model` on one machine, the baseline dlora is compared with.
 
-Both start from the same LoRA weights (LoraAdapter's seeded init) and run the frozen base in
-eval mode (its own dropout off) with LoRA dropout on, so with the same seed they draw the same
-dropout masks and train the same adapter.
+Both start from the same LoRA weights (LoraAdapter's seeded init), run the frozen base in eval mode
+(its own dropout off), split a step into the same --micro-batches, and draw LoRA dropout masks keyed
+by (seed, step, micro-batch, layer, target) (common/lora_math.py), so with the same seed they draw
+the same masks and train the same adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from common.config import KillMode, TrainConfig, torch_dtype
+from common.lora_math import DropoutClock, KeyedDropout
 from common.scheduler import Decision, KRState
 from edge_client.train.data import Batch, lm_loss
 from edge_client.train.kill_revive import LocalScheduler, kr_config
@@ -87,11 +89,16 @@ class LocalEngine:
                 own[name].copy_(value)
                 self._params.append(own[name])
         self.model.eval()  # frozen base without its dropout, as on the cloud
-        for name, module in self.model.named_modules():
-            if ".lora_dropout." in name:
-                module.train()
         root = self.model.base_model.model
         self._lora = [(t.layer, root.get_submodule(t.name)) for t in self.edge.targets]  # PEFT LoraLayers
+        # LoRA dropout with the split's keyed masks (common/lora_math.py), in PEFT's own dropout slot
+        self.clock = DropoutClock()
+        per_layer = len(self._lora) // self.num_layers
+        for i, (layer, module) in enumerate(self._lora):
+            if cfg.lora_dropout > 0:
+                module.lora_dropout["default"] = KeyedDropout(cfg.lora_dropout, cfg.seed, layer, i % per_layer,
+                                                              self.clock).train()
+        self.micro_batches = cfg.micro_batches
         self._detach_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.scheduler = LocalScheduler(kr_config(cfg, self.num_layers))
 
@@ -133,12 +140,21 @@ class LocalEngine:
         return self.scheduler.decide(epoch, deltas)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> tuple[float, Traffic]:
+        """The step as --micro-batches micro-batches one after another (gradient accumulation), split as the
+        split run splits it, so both draw the same dropout masks."""
         dev = self._params[0].device
-        logits = self.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                            use_cache=False).logits
-        loss = lm_loss(logits, batch.labels.to(dev), batch.label_tokens)
-        loss.backward()
-        return float(loss.detach()), Traffic()
+        total = 0.0
+        for mb, part in enumerate(batch.split(self.micro_batches)):
+            self.clock.now = (step, mb)
+            try:
+                logits = self.model(input_ids=part.input_ids.to(dev), attention_mask=part.attention_mask.to(dev),
+                                    use_cache=False).logits
+            finally:
+                self.clock.now = None
+            loss = lm_loss(logits, part.labels.to(dev), batch.label_tokens)  # the whole batch's count
+            loss.backward()
+            total += float(loss.detach())
+        return total, Traffic()
 
     def recover(self) -> None:
         pass

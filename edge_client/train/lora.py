@@ -1,4 +1,5 @@
-"""The LoRA modules, held on the device: delta = s * B(A(dropout(x))), s = alpha / r, as in PEFT.
+"""The LoRA modules, held on the device: delta = s * B(A(dropout(x))), s = alpha / r, as in PEFT
+(common/lora_math.py, with its keyed dropout masks).
 
 Initialisation follows PEFT's default (A kaiming-uniform with a=sqrt(5), B zero), drawn from a
 generator seeded by --seed in target order, so the split run and the local PEFT run start from
@@ -12,12 +13,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import ConfigError
+from common.lora_math import dropout_key, lora_delta
+from common.wire.adapter import AdapterLayout
 from edge_client.train.model_parts import EdgeModel, Target
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,12 +45,10 @@ def saved_key(live: str, adapter_name: str = "default") -> str:
 class LoraPair(nn.Module):
     """A and B of one target module."""
 
-    def __init__(self, target: Target, rank: int, dropout: float) -> None:
+    def __init__(self, target: Target, rank: int) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, target.in_features))  # (r, in)
         self.B = nn.Parameter(torch.zeros(target.out_features, rank))  # (out, r)
-        # PEFT uses Identity for p == 0, which draws no random numbers.
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
 class LoraAdapter(nn.Module):
@@ -57,10 +57,11 @@ class LoraAdapter(nn.Module):
     def __init__(self, edge: EdgeModel, rank: int, alpha: float, dropout: float, seed: int = 0) -> None:
         super().__init__()
         self.edge = edge
-        self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
+        self.rank, self.alpha, self.dropout_p, self.seed = rank, alpha, dropout, seed
         self.scaling = alpha / rank
         self.targets = edge.targets
-        self.pairs = nn.ModuleList(LoraPair(t, rank, dropout) for t in self.targets)
+        self.per_layer = len(self.targets) // edge.num_layers  # targets in every layer
+        self.pairs = nn.ModuleList(LoraPair(t, rank) for t in self.targets)
         self.by_group: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(self.targets):
             self.by_group.setdefault((t.layer, t.group), []).append(i)
@@ -71,17 +72,23 @@ class LoraAdapter(nn.Module):
         self.to(edge.device)  # drawn on the CPU generator first, so every device starts from the same weights
         self.train()
 
-    def delta(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, layer: int, group: int, x: torch.Tensor, step: tuple[int, int] | None) -> torch.Tensor:
         """s * B(A(dropout(x))) of every target of a layer group, concatenated: (B, T, H) -> (B, T, O).
 
-        Autograd records the graph when grad mode is on (the caller keeps it for the backward);
-        dropout draws from torch's global generator, target by target in forward order, as PEFT does.
+        step: (optimizer step, micro-batch) when training, which keys the dropout masks; None: no dropout.
+        Autograd records the graph when grad mode is on (the caller keeps it for the backward).
         """
         parts = []
         for i in self.by_group[(layer, group)]:
             p = self.pairs[i]
-            parts.append(F.linear(F.linear(p.dropout(x), p.A), p.B) * self.scaling)  # (B, T, out_i)
+            key = None if step is None else dropout_key(self.seed, step[0], step[1], layer, i % self.per_layer)
+            parts.append(lora_delta(x, p.A, p.B, self.scaling, self.dropout_p, key))  # (B, T, out_i)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def layout(self) -> AdapterLayout:
+        """The adapter protocol's module numbering: module i is self.pairs[i] (targets are layer-major)."""
+        return AdapterLayout(self.edge.num_layers, self.rank,
+                             tuple((t.in_features, t.out_features) for t in self.targets[: self.per_layer]))
 
     def group_width(self, layer: int, group: int) -> int:
         return sum(self.targets[i].out_features for i in self.by_group[(layer, group)])

@@ -27,10 +27,13 @@ another CPU or BLAS only picks another order, i.e. other errors of that size. So
 compared at rtol 1e-5 plus an atol of 3e-5 x the tensor's largest element: 2.5x the most two float32
 results 6e-6 off the exact value each can differ, and still ~1000x below what a wrong gradient path, a wrong
 dropout mask or a wrong scale changes (1e-2 to 1 of the largest element). One step, no optimizer:
-nothing amplifies the round-off. The dropout masks are the same draws, not similar ones: both
-sides draw them from torch's global generator, seeded right before the step, in the same order
-(layer by layer, input group by group, target by target in forward order), on tensors of the same
-shape, so that holds on any CPU too.
+nothing amplifies the round-off. The dropout masks are the same draws, not similar ones: PEFT's
+`lora_dropout` slots hold common.lora_math.KeyedDropout, which draws each mask from a generator
+keyed by (seed, step, micro-batch, layer, target), as the split does wherever LoRA runs; the same
+key and the same shape give the same mask on any CPU, whatever order threads reach the layers in.
+With M micro-batches the reference is PEFT run on each micro-batch in turn (the same rows, cut to
+the columns their tokens use), its mean loss weighted by the micro-batch's share of label tokens:
+plain gradient accumulation.
 """
 
 from __future__ import annotations
@@ -45,11 +48,14 @@ from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.config import KillMode, TrainConfig
+from common.families import family_of, resolve_targets
+from common.lora_math import DropoutClock, KeyedDropout
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import Batch
 from edge_client.train.kill_revive import layer_roles
 
 RANK, ALPHA = 4, 8
+SEED = 3  # the run's --seed: keys the dropout masks on both sides
 GRAD_ATOL = 3e-5  # x the tensor's largest element; see the module docstring
 LAYERS = 3
 # Every LoRA-able linear of a decoder layer, by the plain names a PEFT user writes, so that every
@@ -90,11 +96,19 @@ class PeftReference:
                             init_lora_weights=False, fan_in_fan_out=family == "gpt2")
         self.model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), config)
         self.model.eval()  # the frozen base without its own dropout, as the cloud runs it
+        fam = family_of(self.model.config.model_type)
+        chosen = set(resolve_targets(fam, tuple(TARGETS[family])))
+        order = [p for group in fam.input_groups for p in group if p in chosen]  # a layer's targets, family order
+        self.clock = DropoutClock()
         self.lora: list[tuple[int, LoraLayer]] = []
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer):
-                self.lora.append((int(re.search(r"\.(\d+)\.", name).group(1)), module))
-                module.lora_dropout["default"].train()  # LoRA dropout as configured
+                layer = int(re.search(r"\.(\d+)\.", name).group(1))
+                path = name.split(f".{layer}.", 1)[1]
+                self.lora.append((layer, module))
+                if dropout > 0:  # PEFT's own dropout slot, drawing the keyed masks
+                    module.lora_dropout["default"] = KeyedDropout(dropout, SEED, layer, order.index(path),
+                                                                  self.clock).train()
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def weights(self) -> dict[str, torch.nn.Parameter]:
@@ -114,19 +128,29 @@ class PeftReference:
                 self.hooks.append(module.lora_dropout["default"].register_forward_pre_hook(
                     lambda _m, args: (args[0].detach(),)))
 
-    def step(self, batch: Batch, seed: int) -> tuple[float, dict[str, torch.Tensor | None]]:
+    def step(self, batch: Batch, step: int, micro_batches: int = 1) -> tuple[float, dict[str, torch.Tensor | None]]:
+        """Loss and LoRA gradients of optimizer step `step`, accumulated over `micro_batches` consecutive row blocks."""
         self.model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        loss.backward()
-        return float(loss.detach()), {k: p.grad for k, p in self.weights().items()}
+        total = 0.0
+        n_all = int((batch.labels[:, 1:] != -100).sum())
+        blocks = zip(*(t.tensor_split(micro_batches) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
+        for mb, (ids, mask, labels) in enumerate(blocks):
+            width = int(mask.sum(dim=1).max())
+            ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
+            share = int((labels[:, 1:] != -100).sum()) / n_all
+            self.clock.now = (step, mb)
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss * share
+            self.clock.now = None
+            loss.backward()
+            total += float(loss.detach())
+        return total, {k: p.grad for k, p in self.weights().items()}
 
 
 def split_for(model_dir, family: str, address: str, tmp_path, ref: PeftReference, dropout: float,
-              micro_batches: int = 1) -> SplitEngine:
+              micro_batches: int = 1, **extra) -> SplitEngine:
     cfg = TrainConfig(model=model_dir, data=tmp_path / "unused.jsonl", output=tmp_path, cloud=address, rank=RANK,
-                      alpha=ALPHA, lora_dropout=dropout, targets=tuple(TARGETS[family]),
-                      micro_batches=micro_batches, progress=False)
+                      alpha=ALPHA, lora_dropout=dropout, targets=tuple(TARGETS[family]), seed=SEED,
+                      micro_batches=micro_batches, progress=False, **extra)
     split = SplitEngine(cfg)
     ref_weights = ref.weights()
     ours = dict(split.adapter.named_lora_parameters())
@@ -138,15 +162,17 @@ def split_for(model_dir, family: str, address: str, tmp_path, ref: PeftReference
     return split
 
 
-def split_step(split: SplitEngine, batch: Batch, step: int, active: set[int], mode: KillMode,
-               seed: int) -> tuple[float, dict[str, torch.Tensor | None]]:
+def split_step(split: SplitEngine, batch: Batch, step: int, active: set[int],
+               mode: KillMode) -> tuple[float, dict[str, torch.Tensor | None]]:
     for p in split.parameters():
         p.grad = None
     split.set_active(active, mode)
     roles = layer_roles(active, split.num_layers, mode)
-    torch.manual_seed(seed)
     loss, traffic = split.train_step(batch, step, roles)
     assert traffic.payload_up > 0 and traffic.payload_down > 0
+    if split.link.protocol == "adapter":  # LoRA ran on the cloud: no layer calls, one StepWeights and LoraGrads
+        assert traffic.messages.get("up:step_weights") == 1 and traffic.messages.get("down:lora_grads") == 1
+        assert not any(k.endswith(("lora_forward", "lora_backward")) for k in traffic.messages), traffic.messages
     return loss, {k: p.grad for k, p in split.adapter.named_lora_parameters()}
 
 
@@ -178,10 +204,9 @@ def test_one_step_equals_peft_per_kill_mode(family, mode, tiny_dir, cloud, tmp_p
     batch = make_batch(model_dir)
     try:
         for step, active in enumerate(ACTIVE_SETS):
-            seed = 1000 + step
             ref.set_active(active, mode)
-            want = ref.step(batch, seed)
-            got = split_step(split, batch, step, active, mode, seed)
+            want = ref.step(batch, step)
+            got = split_step(split, batch, step, active, mode)
             assert_same_step(f"{family} {mode} active={sorted(active)}", active, got, want)
     finally:
         split.close()
@@ -190,21 +215,52 @@ def test_one_step_equals_peft_per_kill_mode(family, mode, tiny_dir, cloud, tmp_p
 @pytest.mark.parametrize("family", FAMILIES)
 def test_micro_batches_equal_peft(family, tiny_dir, cloud, tmp_path):
     """M = 2 or 3 micro-batches of unequal width (each drops its own padding columns), all active and
-    each kill mode with a killed layer below and above the active one. LoRA dropout 0: with M > 1 the
-    micro-batches' layer calls interleave in the order the cloud's threads reach them, so the draws
-    would come in another order than PEFT's."""
+    each kill mode with a killed layer below and above the active one, LoRA dropout 0.1: the masks are
+    keyed by micro-batch, so the order in which the cloud's threads reach the layers does not matter."""
     m = 2 if FAMILIES.index(family) % 2 == 0 else 3
     model_dir = tiny_dir(family, layers=LAYERS)
-    ref = PeftReference(model_dir, family, dropout=0.0, init_seed=12)
-    split = split_for(model_dir, family, cloud(model_dir), tmp_path, ref, dropout=0.0, micro_batches=m)
+    ref = PeftReference(model_dir, family, dropout=0.1, init_seed=12)
+    split = split_for(model_dir, family, cloud(model_dir), tmp_path, ref, dropout=0.1, micro_batches=m)
     batch = make_batch(model_dir)
     cases: list[tuple[set[int], KillMode]] = [({0, 1, 2}, "detached"), ({1}, "frozen"), ({1}, "detached"),
                                               ({1}, "dropped"), ({0, 2}, "frozen")]
     try:
         for step, (active, mode) in enumerate(cases):
             ref.set_active(active, mode)
-            want = ref.step(batch, 0)
-            got = split_step(split, batch, step, active, mode, 0)
+            want = ref.step(batch, step, m)
+            got = split_step(split, batch, step, active, mode)
             assert_same_step(f"{family} M={m} {mode} active={sorted(active)}", active, got, want)
+    finally:
+        split.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_protocol_equals_peft(family, tiny_dir, cloud, tmp_path):
+    """The adapter protocol (LoRA applied on the cloud from weights sent once per step), M = 2 or 3, LoRA
+    dropout 0.1, over every kill mode with killed layers below and above the active ones: loss and every
+    LoRA gradient equal PEFT's within the module docstring's tolerances. The steps run in one session, so
+    later steps use weights the cloud already holds. Between steps the weights change (a plain SGD step
+    on the trained modules) so each step's B is new and non-zero on both sides."""
+    m = 3 if FAMILIES.index(family) % 2 == 0 else 2
+    model_dir = tiny_dir(family, layers=LAYERS)
+    ref = PeftReference(model_dir, family, dropout=0.1, init_seed=13)
+    split = split_for(model_dir, family, cloud(model_dir), tmp_path, ref, dropout=0.1, micro_batches=m,
+                      protocol="adapter")
+    batch = make_batch(model_dir)
+    cases: list[tuple[set[int], KillMode]] = [({0, 1, 2}, "frozen"), ({1}, "frozen"), ({1}, "detached"),
+                                              ({1}, "dropped"), ({0, 2}, "frozen"), ({0, 2}, "detached")]
+    ours = dict(split.adapter.named_lora_parameters())
+    theirs = ref.weights()
+    try:
+        for step, (active, mode) in enumerate(cases):
+            ref.set_active(active, mode)
+            want = ref.step(batch, step, m)
+            got = split_step(split, batch, step, active, mode)
+            assert_same_step(f"{family} adapter M={m} {mode} active={sorted(active)}", active, got, want)
+            with torch.no_grad():  # the same update on both sides, from PEFT's gradients
+                for key, p in theirs.items():
+                    if p.grad is not None:
+                        p -= 0.5 * p.grad
+                    ours[key].copy_(p)
     finally:
         split.close()

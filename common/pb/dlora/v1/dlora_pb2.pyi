@@ -21,6 +21,11 @@ class LayerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ABSENT: _ClassVar[LayerRole]
     FORWARD: _ClassVar[LayerRole]
     FORWARD_BACKWARD: _ClassVar[LayerRole]
+
+class StepProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYERWISE: _ClassVar[StepProtocol]
+    ADAPTER: _ClassVar[StepProtocol]
 CODEC_UNSPECIFIED: Codec
 FLOAT32: Codec
 BFLOAT16: Codec
@@ -30,6 +35,8 @@ UINT8: Codec
 ABSENT: LayerRole
 FORWARD: LayerRole
 FORWARD_BACKWARD: LayerRole
+LAYERWISE: StepProtocol
+ADAPTER: StepProtocol
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "codec", "scales", "block_size")
@@ -46,7 +53,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scales: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name", "warmup_epochs", "budget", "revive", "kill_threshold")
+    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name", "warmup_epochs", "budget", "revive", "kill_threshold", "step_protocol", "lora_rank", "lora_alpha", "lora_dropout", "dropout_seed", "codec_weights")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +66,12 @@ class Hello(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     REVIVE_FIELD_NUMBER: _ClassVar[int]
     KILL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STEP_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    CODEC_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     model_fingerprint: str
     session_id: str
@@ -71,7 +84,29 @@ class Hello(_message.Message):
     budget: int
     revive: int
     kill_threshold: float
-    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ...) -> None: ...
+    step_protocol: StepProtocol
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    dropout_seed: int
+    codec_weights: Codec
+    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ..., step_protocol: _Optional[_Union[StepProtocol, str]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., codec_weights: _Optional[_Union[Codec, str]] = ...) -> None: ...
+
+class StepWeights(_message.Message):
+    __slots__ = ("step", "micro_batches", "train", "modules", "weights", "trained")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batches: int
+    train: bool
+    modules: _containers.RepeatedScalarFieldContainer[int]
+    weights: Tensor
+    trained: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., micro_batches: _Optional[int] = ..., train: _Optional[bool] = ..., modules: _Optional[_Iterable[int]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., trained: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepBegin(_message.Message):
     __slots__ = ("step", "micro_batch", "embeddings", "attention_mask", "train", "layer_roles")
@@ -138,34 +173,38 @@ class EpochReport(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., deltas: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad", "epoch_report")
+    __slots__ = ("hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad", "epoch_report", "step_weights")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STEP_BEGIN_FIELD_NUMBER: _ClassVar[int]
     LORA_DELTA_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_GRAD_FIELD_NUMBER: _ClassVar[int]
     LORA_GRAD_FIELD_NUMBER: _ClassVar[int]
     EPOCH_REPORT_FIELD_NUMBER: _ClassVar[int]
+    STEP_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     step_begin: StepBegin
     lora_delta: LoraDelta
     hidden_grad: HiddenGrad
     lora_grad: LoraGrad
     epoch_report: EpochReport
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_begin: _Optional[_Union[StepBegin, _Mapping]] = ..., lora_delta: _Optional[_Union[LoraDelta, _Mapping]] = ..., hidden_grad: _Optional[_Union[HiddenGrad, _Mapping]] = ..., lora_grad: _Optional[_Union[LoraGrad, _Mapping]] = ..., epoch_report: _Optional[_Union[EpochReport, _Mapping]] = ...) -> None: ...
+    step_weights: StepWeights
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_begin: _Optional[_Union[StepBegin, _Mapping]] = ..., lora_delta: _Optional[_Union[LoraDelta, _Mapping]] = ..., hidden_grad: _Optional[_Union[HiddenGrad, _Mapping]] = ..., lora_grad: _Optional[_Union[LoraGrad, _Mapping]] = ..., epoch_report: _Optional[_Union[EpochReport, _Mapping]] = ..., step_weights: _Optional[_Union[StepWeights, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("session_id", "protocol", "num_layers", "model_type", "server_version")
+    __slots__ = ("session_id", "protocol", "num_layers", "model_type", "server_version", "step_protocol")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     protocol: str
     num_layers: int
     model_type: str
     server_version: str
-    def __init__(self, session_id: _Optional[str] = ..., protocol: _Optional[str] = ..., num_layers: _Optional[int] = ..., model_type: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    step_protocol: StepProtocol
+    def __init__(self, session_id: _Optional[str] = ..., protocol: _Optional[str] = ..., num_layers: _Optional[int] = ..., model_type: _Optional[str] = ..., server_version: _Optional[str] = ..., step_protocol: _Optional[_Union[StepProtocol, str]] = ...) -> None: ...
 
 class LoraForward(_message.Message):
     __slots__ = ("step", "micro_batch", "layer", "group", "x")
@@ -227,6 +266,16 @@ class StepError(_message.Message):
     message: str
     def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class LoraGrads(_message.Message):
+    __slots__ = ("step", "modules", "grads")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    modules: _containers.RepeatedScalarFieldContainer[int]
+    grads: Tensor
+    def __init__(self, step: _Optional[int] = ..., modules: _Optional[_Iterable[int]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class KRCommand(_message.Message):
     __slots__ = ("epoch", "active", "killed", "revived", "next_active")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -242,7 +291,7 @@ class KRCommand(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., active: _Optional[_Iterable[int]] = ..., killed: _Optional[_Iterable[int]] = ..., revived: _Optional[_Iterable[int]] = ..., next_active: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error", "kr_command")
+    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error", "kr_command", "lora_grads")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LORA_FORWARD_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +299,7 @@ class CloudMessage(_message.Message):
     STEP_DONE_FIELD_NUMBER: _ClassVar[int]
     STEP_ERROR_FIELD_NUMBER: _ClassVar[int]
     KR_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     lora_forward: LoraForward
     hidden: Hidden
@@ -257,7 +307,8 @@ class CloudMessage(_message.Message):
     step_done: StepDone
     step_error: StepError
     kr_command: KRCommand
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ..., kr_command: _Optional[_Union[KRCommand, _Mapping]] = ...) -> None: ...
+    lora_grads: LoraGrads
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ..., kr_command: _Optional[_Union[KRCommand, _Mapping]] = ..., lora_grads: _Optional[_Union[LoraGrads, _Mapping]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
