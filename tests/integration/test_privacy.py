@@ -1,4 +1,5 @@
-"""What each side holds and sees: no decoder blocks on the edge; no ids, labels or LoRA weights on the wire."""
+"""What each side holds and sees: no decoder blocks on the edge; on the wire no token ids or labels in
+either step protocol, no LoRA weights in `layerwise`, and every LoRA weight in `adapter` (by design)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from concurrent import futures
 
 import grpc
+import pytest
 import torch
 
 from common.config import TrainConfig
@@ -31,6 +33,7 @@ class RecordingProxy(pb_grpc.SplitTrainingServicer):
                 with self.lock:
                     self.seen.append(msg.SerializeToString())
                 yield msg
+
         yield from self.stub.Session(tap())
 
 
@@ -40,7 +43,9 @@ def test_edge_materialises_no_decoder_block(tiny_dir):
     before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
     edge = EdgeModel(model_dir)
     gc.collect()
-    new = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before and o.device.type != "meta"]
+    new = [
+        o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before and o.device.type != "meta"
+    ]
     held = {id(edge.embedding.weight), id(edge.head.weight)}
     others = [t for t in new if id(t) not in held and t.numel() > 64]
     assert others == [], [tuple(t.shape) for t in others]
@@ -49,7 +54,15 @@ def test_edge_materialises_no_decoder_block(tiny_dir):
     assert not any(isinstance(o, torch.nn.ModuleList) for o in gc.get_objects() if id(o) not in before)
 
 
-def test_wire_carries_no_ids_labels_or_lora_weights(tiny_dir, cloud, data_file, tmp_path):
+@pytest.mark.parametrize("protocol", ["layerwise", "adapter"])
+def test_what_crosses_the_wire_per_protocol(protocol, tiny_dir, cloud, data_file, tmp_path):
+    """Everything the cloud receives in one training step, recorded by a real gRPC hop in between.
+
+    Both protocols: no token ids and no labels (int64 or int32). layerwise: no LoRA weights either (the
+    cloud sees layer inputs and deltas). adapter: the LoRA weights DO cross, by design: the StepWeights
+    payload is exactly every module's A then B (float32, the wire layout of common/wire/adapter.py), the
+    trade for one message instead of two round trips per layer.
+    """
     model_dir = tiny_dir("llama")
     proxy = RecordingProxy(cloud(model_dir))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -57,25 +70,39 @@ def test_wire_carries_no_ids_labels_or_lora_weights(tiny_dir, cloud, data_file, 
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=f"127.0.0.1:{port}", progress=False)
+        cfg = TrainConfig(
+            model=model_dir,
+            data=data_file,
+            output=tmp_path,
+            cloud=f"127.0.0.1:{port}",
+            progress=False,
+            protocol=protocol,
+        )
         split = SplitEngine(cfg)
         with torch.no_grad():
             for _, p in split.adapter.named_lora_parameters():
                 p.normal_(0, 0.1)
-        lora_bytes = [p.detach().numpy().tobytes() for _, p in split.adapter.named_lora_parameters()]
+        lora = [p.detach().clone() for _, p in split.adapter.named_lora_parameters()]  # A, B of each module in order
         batch = collate(load_examples(data_file, split.tokenizer, 64)[:6], split.tokenizer.pad_token_id)
         split.train_step(batch, 0, [pb.FORWARD_BACKWARD] * split.num_layers)
         split.close()
     finally:
         server.stop(0)
-    assert len(proxy.seen) == 1 + 1 + 3 + 1 + 3  # hello, step_begin, 3 deltas, hidden_grad, 3 lora_grads
+    messages = [pb.EdgeMessage.FromString(m) for m in proxy.seen]
+    kinds = [m.WhichOneof("kind") for m in messages]
     stream = b"".join(proxy.seen)
     for row, labels in zip(batch.input_ids, batch.labels):
         for dtype in (torch.int64, torch.int32):
             assert row[:8].to(dtype).numpy().tobytes() not in stream
             kept = labels[labels != -100]
             assert kept.to(dtype).numpy().tobytes() not in stream
-    for raw in lora_bytes:
-        assert raw[:32] not in stream
-    kinds = {pb.EdgeMessage.FromString(m).WhichOneof("kind") for m in proxy.seen}
-    assert kinds == {"hello", "step_begin", "lora_delta", "hidden_grad", "lora_grad"}
+    if protocol == "layerwise":
+        # one layer group per layer, 3 layers: a delta each on the way up, a gradient each on the way down
+        assert kinds == ["hello", "step_begin"] + ["lora_delta"] * 3 + ["hidden_grad"] + ["lora_grad"] * 3
+        for t in lora:
+            assert t.numpy().tobytes()[:32] not in stream
+    else:
+        assert kinds == ["hello", "step_weights", "step_begin", "hidden_grad"]
+        weights = messages[1].step_weights
+        assert list(weights.modules) == list(range(len(lora) // 2)) and weights.weights.codec == pb.FLOAT32
+        assert weights.weights.data == torch.cat([t.reshape(-1) for t in lora]).numpy().tobytes()
