@@ -119,8 +119,15 @@ class StepRun:
 
     # -- the whole micro-batch
     def run(self) -> None:
-        """Serve the micro-batch and answer StepDone, or StepError for bad input; never raises."""
+        """Serve the micro-batch and answer StepDone, or StepError for bad input; never raises.
+
+        The session learns the micro-batch has ended (`on_exit`) before the edge does: an edge that sends its
+        next message the moment StepDone arrives must find this micro-batch gone from the session's running
+        ones, or that message would be refused as overlapping it (--max-micro-batches, a StepWeights or an
+        EpochReport while micro-batches run).
+        """
         started = time.perf_counter()
+        reply: pb.CloudMessage | None = None
         try:
             emb, mask, self.shape = check_begin(self.frame, self.spec, self.stack)
             if self.spec.lora is not None:
@@ -128,18 +135,20 @@ class StepRun:
                     raise ProtocolError(f"step {self.step}: an adapter session sends StepWeights before its StepBegins")
                 self.lora = self.adapter_step.begin(self.frame.body)
             self._execute(emb, mask)
-            self.stream.send(pb.CloudMessage(step_done=pb.StepDone(
-                step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started)))
+            reply = pb.CloudMessage(step_done=pb.StepDone(
+                step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started))
         except ProtocolError as e:
             log.warning("session %s step %d/%d: %s", self.spec.session_id, self.step, self.mb, e)
-            self.stream.send(pb.CloudMessage(step_error=pb.StepError(
-                step=self.step, micro_batch=self.mb, code=status_of(e).name, message=str(e))))
+            reply = pb.CloudMessage(step_error=pb.StepError(
+                step=self.step, micro_batch=self.mb, code=status_of(e).name, message=str(e)))
         except _StreamClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the session loop, which ends the session
             self.failure = e
         finally:
             self.on_exit(self)
+        if reply is not None:
+            self.stream.send(reply)
 
     def _execute(self, embeddings: torch.Tensor, mask: torch.Tensor) -> None:
         """Forward (B, T, E) through the stack, send Hidden, and when training backpropagate HiddenGrad.

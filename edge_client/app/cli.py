@@ -19,6 +19,8 @@ from common.config import (
     DEVICES,
     DTYPES,
     KILL_MODES,
+    STEP_PROTOCOLS,
+    WEIGHT_CODECS,
     ServeConfig,
     TrainConfig,
     check_int8_block_size,
@@ -60,13 +62,21 @@ def _wire_flags(p: argparse.ArgumentParser) -> None:
                    help=f"int8: elements per absmax scale, both directions (default {_default('int8_block_size')})")
 
 
+def _protocol_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default=None, choices=STEP_PROTOCOLS,
+                   help="layerwise: LoRA runs on this device, the cloud asks for each layer's delta (the paper's protocol; "
+                        "the LoRA weights never leave the device); adapter: the LoRA weights go to the cloud once per step "
+                        f"and it applies them (30-60x fewer bytes, 2 round trips a step) (default {_default('protocol')})")
+    p.add_argument("--weights-wire", default=None, choices=WEIGHT_CODECS,
+                   help=f"adapter protocol: codec of the LoRA weights and their gradients (default {_default('weights_wire')})")
+
+
 def _split_flags(p: argparse.ArgumentParser) -> None:
     """`dlora train`'s flags that local-train lacks: the cloud and the link to it."""
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
     add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key
     _wire_flags(p)
-    p.add_argument("--micro-batches", type=int, default=None,
-                   help=f"split each batch into M micro-batches that overlap on the wire (default {_default('micro_batches')})")
+    _protocol_flags(p)
     p.add_argument("--connect-timeout", type=float, default=None,
                    help=f"seconds to reach the cloud (default {_default('connect_timeout_s'):g})")
     p.add_argument("--reply-timeout", type=float, default=None,
@@ -122,6 +132,9 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
     p.add_argument("--data", required=True, type=Path, help='JSONL: {"text"} or {"prompt", "completion"} per line')
     p.add_argument("--output", required=True, type=Path, help="folder for the PEFT adapter and metrics.jsonl")
     _lora_flags(p)
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="split each batch into M micro-batches: they overlap on the wire (train), they accumulate "
+                        f"gradients (local-train); the same dropout masks either way (default {_default('micro_batches')})")
     _kill_revive_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -150,6 +163,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _wire_flags(p)
+    _protocol_flags(p)
     _token_flag(p)
 
 
@@ -180,6 +194,11 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="all,L/2,L/4", help="active modules: all, L/N or a number (default all,L/2,L/4)")
     p.add_argument("--micro-batches", default=None,
                    help=f"comma-separated M values (default {_default('micro_batches')})")
+    p.add_argument("--protocols", default=None,
+                   help=f"comma-separated step protocols to measure, of {', '.join(STEP_PROTOCOLS)} "
+                        f"(default {_default('protocol')})")
+    p.add_argument("--weights-wire", default=None, choices=WEIGHT_CODECS,
+                   help=f"adapter protocol: codec of the LoRA weights and their gradients (default {_default('weights_wire')})")
     p.add_argument("--kill-mode", default=None, choices=KILL_MODES, help=f"default {_default('kill_mode')}")
     p.add_argument("--wan", default=None, metavar="DELAY,RATE",
                    help="emulate a device link, e.g. 10ms,100mbit (one-way delay, rate each way) or 10ms,20mbit/100mbit "
@@ -286,7 +305,8 @@ def _eval(args: argparse.Namespace) -> int:
     link = LinkConfig(address=args.cloud, tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
                       codec_up=args.wire_up or wire, codec_down=args.wire_down or wire,
                       int8_block_size=check_int8_block_size(_given(args.int8_block_size, "int8_block_size")),
-                      token=device_token(args.token_file, os.environ))
+                      token=device_token(args.token_file, os.environ), protocol=_given(args.protocol, "protocol"),
+                      weights_wire=_given(args.weights_wire, "weights_wire"))
     return run_eval(args, args.cache_dir or default_cache(), link, _given(args.max_length, "max_length"))
 
 

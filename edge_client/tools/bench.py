@@ -3,14 +3,14 @@
 Every configuration trains the same model on the same seeded batches from the same LoRA weights,
 each in a fresh process (so CPU time and peak RSS are its own): (a) local-train, the cloud-only
 baseline, and (b) the split through a dlora-cloud child process over 127.0.0.1 (or an emulated
-device link, --wan), for each wire codec and budget. Each split configuration runs alongside its
-own local-train process, the two taking their steps in turn, so the ratio compares steps taken
-seconds apart (a shared machine's speed drifts more than the difference being measured). For
-budget b < L the active modules are b layers spread evenly over the stack, killed ones in
---kill-mode (the bench measures cost, not accuracy). Reported per configuration: median step time,
-local-train's alongside it and their ratio, payload bytes per step measured and by the DESIGN.md
-formula, the device's CPU seconds per step and peak RSS next to the full model's size, and the
-final loss.
+device link, --wan), for each step protocol (--protocols), wire codec, budget and M. Each split
+configuration runs alongside its own local-train process, the two taking their steps in turn, so
+the ratio compares steps taken seconds apart (a shared machine's speed drifts more than the
+difference being measured). For budget b < L the active modules are b layers spread evenly over
+the stack, killed ones in --kill-mode (the bench measures cost, not accuracy). Reported per
+configuration: median step time, local-train's alongside it and their ratio, payload bytes per step
+measured and by the protocol's formula (common/wire/cost.py), the device's CPU seconds per step
+and peak RSS next to the full model's size, and the final loss.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from common.config import ServeConfig, TrainConfig, check_int8_block_size, field_default
+from common.config import STEP_PROTOCOLS, ServeConfig, TrainConfig, check_int8_block_size, field_default
 from common.errors import ConfigError
 from common.families import family_of, max_positions, resolve_targets
 from common.model_files import load_config
@@ -67,6 +67,19 @@ def parse_wires(text: str) -> list[str]:
         if not all(c in WIRE_CODECS for c in w.split("/")) or w.count("/") > 1:
             raise ConfigError(f"--wires: {w!r} is not one of {', '.join(WIRE_CODECS)}, or UP/DOWN of two of them")
     return wires
+
+
+def parse_protocols(text: str) -> list[str]:
+    """"layerwise,adapter" -> ["layerwise", "adapter"].
+
+    Raises:
+        ConfigError: an unknown protocol.
+    """
+    protocols = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in STEP_PROTOCOLS]
+    if bad or not protocols:
+        raise ConfigError(f"--protocols: {(bad or [text])[0]!r} is not one of {', '.join(STEP_PROTOCOLS)}")
+    return list(dict.fromkeys(protocols))
 
 
 def parse_micro_batches(text: str) -> list[int]:
@@ -107,14 +120,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"cloud {meta['cloud']}, device {meta['device']}, local-train base {meta['local_dtype']}"
         f"{'; GPU ' + meta['gpu'] if meta.get('gpu') else ''}; {meta['date']}.",
         "",
-        "| config | wire | budget | M | median step s | local-train alongside s | x local | payload MB/step "
+        "| config | protocol | wire | budget | M | median step s | local-train alongside s | x local | payload MB/step "
         "| formula MB/step | diff % | device CPU s/step | device peak RSS MB | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = 100 * (r["payload_per_step"] / r["formula_per_step"] - 1) if r["formula_per_step"] else 0.0
         lines.append(
-            f"| {r['name']} | {r.get('wire', '-')} | {r['active']}/{r['layers']} | {r.get('micro_batches', 1)} "
+            f"| {r['name']} | {r.get('protocol', '-')} | {r.get('wire', '-')} | {r['active']}/{r['layers']} "
+            f"| {r.get('micro_batches', 1)} "
             f"| {r['median_step_s']:.3f} | {r['local_step_s']:.3f} | {r['ratio']:.2f} | {r['payload_per_step'] / 1e6:.2f} "
             f"| {r['formula_per_step'] / 1e6:.2f} | {diff:+.2f} | {r['cpu_s_per_step']:.2f} | {r['peak_rss_mb']:.0f} "
             f"| {r['final_loss']:.4f} |"
@@ -128,6 +142,7 @@ _DEFAULTS: dict[str, tuple[type[BaseModel], str]] = {
     "int8_block_size": (TrainConfig, "int8_block_size"), "micro_batches": (TrainConfig, "micro_batches"),
     "kill_mode": (TrainConfig, "kill_mode"), "device": (TrainConfig, "device"), "local_dtype": (TrainConfig, "dtype"),
     "cloud_device": (ServeConfig, "device"), "cloud_dtype": (ServeConfig, "dtype"),
+    "protocols": (TrainConfig, "protocol"), "weights_wire": (TrainConfig, "weights_wire"),
 }
 
 
@@ -141,13 +156,15 @@ def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**given)
 
 
-def check_flags(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """Every flag that can be checked before any work (a model written, a cloud started); the codecs and Ms.
+def check_flags(args: argparse.Namespace) -> tuple[list[str], list[int], list[str]]:
+    """Every flag that can be checked before any work (a model written, a cloud started); the codecs, Ms and
+    protocols.
 
     Raises:
         ConfigError: one line naming the first bad flag.
     """
     wires, micro = parse_wires(args.wires), parse_micro_batches(args.micro_batches)
+    protocols = parse_protocols(args.protocols)
     check_int8_block_size(args.int8_block_size)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value < 1:
@@ -157,7 +174,7 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], list[int]]:
             raise ConfigError(f"{flag} cuda: no CUDA device is visible to torch here; use {flag} cpu")
     for budget in args.budgets.split(","):
         parse_budget(budget, layers=1)  # its syntax, before any work; the layers come with the model
-    return wires, micro
+    return wires, micro, protocols
 
 
 def bench_model(args: argparse.Namespace, cache: Path) -> Path:
@@ -238,28 +255,28 @@ def tls_certificates(folder: Path, hosts: list[str]) -> tuple[Path, list[str]]:
     return folder / "ca.pem", ["--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key")]
 
 
-def sweep(base: BenchSpec, address: str, wires: list[str], budgets: list[int], micro: list[int], layers: int,
+def sweep(base: BenchSpec, address: str, grid: list[tuple[str, str, int, int]], layers: int,
           bar: tqdm) -> list[dict[str, Any]]:
-    """Every split configuration paired with its own local-train; local-train's row first (its median over
-    all pairs), then one row per configuration."""
+    """Every split configuration (protocol, wire, budget, M) paired with its own local-train (the whole batch
+    at once, the same baseline for every M); local-train's row first (its median over all pairs), then one
+    row per configuration."""
     local_spec = base.model_copy(update={"name": "local-train"})
     rows: list[dict[str, Any]] = []
     local_steps: list[float] = []
-    for wire in wires:
-        for budget in budgets:
-            for m in micro:
-                spec = base.model_copy(update={"name": "split", "cloud": address, "wire": wire, "budget": budget,
-                                               "micro_batches": m})
-                bar.set_postfix_str(f"{wire} {budget}/{layers} M={m}")
-                local, split = run_paired(local_spec, spec, on_step=bar.update)
-                if not rows:
-                    rows.append({**local, "name": "local-train"})
-                local_steps += local["step_s"]
-                row = {**split, "name": "split", "wire": wire, "micro_batches": m, "local_step_s": local["median_step_s"]}
-                row["ratio"] = row["median_step_s"] / row["local_step_s"]
-                rows.append(row)
-                bar.write(f"split {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step, "
-                          f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)")
+    for protocol, wire, budget, m in grid:
+        spec = base.model_copy(update={"name": "split", "cloud": address, "wire": wire, "budget": budget,
+                                       "micro_batches": m, "protocol": protocol})
+        bar.set_postfix_str(f"{protocol} {wire} {budget}/{layers} M={m}")
+        local, split = run_paired(local_spec, spec, on_step=bar.update)
+        if not rows:
+            rows.append({**local, "name": "local-train"})
+        local_steps += local["step_s"]
+        row = {**split, "name": "split", "protocol": protocol, "wire": wire, "micro_batches": m,
+               "local_step_s": local["median_step_s"]}
+        row["ratio"] = row["median_step_s"] / row["local_step_s"]
+        rows.append(row)
+        bar.write(f"split {protocol} {wire} budget {budget}/{layers} M={m}: {row['median_step_s']:.3f} s/step, "
+                  f"local-train alongside {row['local_step_s']:.3f} ({row['ratio']:.2f}x)")
     median = statistics.median(local_steps)
     rows[0].update(median_step_s=median, local_step_s=median, ratio=1.0)
     return rows
@@ -273,7 +290,7 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
         RemoteError: the cloud did not start.
     """
     args = with_defaults(args)
-    wires, micro = check_flags(args)
+    wires, micro, protocols = check_flags(args)
     model_dir = bench_model(args, cache)
     config = load_config(model_dir)
     targets = check_targets(config.model_type, args.targets)
@@ -282,20 +299,20 @@ def run_bench(args: argparse.Namespace, cache: Path) -> int:
         raise ConfigError(f"--seq-len={args.seq_len}: the model has {positions} positions; use --seq-len <= {positions}")
     base = BenchSpec(model=model_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      kill_mode=args.kill_mode, device=args.device, local_dtype=args.local_dtype,
-                     int8_block_size=args.int8_block_size, targets=targets)
+                     int8_block_size=args.int8_block_size, targets=targets, weights_wire=args.weights_wire)
     layers = int(config.num_hidden_layers)
     budgets = sorted({parse_budget(b, layers) for b in args.budgets.split(",")}, reverse=True)
+    grid = [(p, w, b, m) for p in protocols for w in wires for b in budgets for m in micro]
     link = Link.for_flag(args.wan)
     with link.cloud(model_dir, args, cache) as address, tqdm(
-            total=len(wires) * len(budgets) * len(micro) * args.steps, unit="step pair", desc="bench",
-            disable=args.no_progress) as bar:
-        rows = sweep(base.model_copy(update={"tls_ca": link.tls_ca}), address, wires, budgets, micro, layers, bar)
+            total=len(grid) * args.steps, unit="step pair", desc="bench", disable=args.no_progress) as bar:
+        rows = sweep(base.model_copy(update={"tls_ca": link.tls_ca}), address, grid, layers, bar)
     meta = {"model": str(model_dir), "layers": layers,
             "model_mb": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "link": link.description,
             "targets": list(targets), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "torch_threads": torch.get_num_threads(), "cloud": f"{args.cloud_device}/{args.cloud_dtype}",
-            "device": args.device, "local_dtype": args.local_dtype,
+            "device": args.device, "local_dtype": args.local_dtype, "weights_wire": args.weights_wire,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     table = markdown(rows, meta)
     print("\n" + table)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.config import Device, Dtype, KillMode, TrainConfig, field_default
+from common.config import Device, Dtype, KillMode, StepProtocolName, TrainConfig, WeightCodec, field_default
 from common.errors import ConfigError
 from common.families import family_of
 from common.tuning import tune_process
@@ -45,6 +45,8 @@ class BenchSpec(BaseModel):
     budget: int | None = Field(None, ge=1)  # active modules, spread evenly over the stack; None (or >= the layers): all
     kill_mode: KillMode = field_default(TrainConfig, "kill_mode")
     micro_batches: int = field_default(TrainConfig, "micro_batches")
+    protocol: StepProtocolName = field_default(TrainConfig, "protocol")
+    weights_wire: WeightCodec = field_default(TrainConfig, "weights_wire")
     steps: int = 6  # timed steps, after one warm-up step
     batch_size: int = 8
     seq_len: int = 128
@@ -111,6 +113,7 @@ class BenchRun:
             wire=up, wire_down=down or None, int8_block_size=spec.int8_block_size,
             targets=spec.targets or attention_targets(load_config(spec.model).model_type),
             lora_dropout=0.0, lr=1e-3, micro_batches=spec.micro_batches, progress=False, reply_timeout_s=1200,
+            protocol=spec.protocol, weights_wire=spec.weights_wire,
             device=spec.device, dtype=spec.local_dtype, tls_ca=spec.tls_ca)
         self.engine = engine = SplitEngine(cfg) if cfg.cloud else LocalEngine(cfg)
         layers = engine.num_layers
@@ -152,18 +155,35 @@ class BenchRun:
     def remaining(self) -> int:
         return len(self.batches) - self.next
 
-    def result(self) -> dict[str, Any]:
-        from common.wire.cost import step_cost
+    def formula(self) -> int:
+        """Payload bytes of one timed step by the formula of the configuration's protocol (common/wire/cost.py),
+        micro-batch by micro-batch (each int8 tensor carries its own block scales).
 
+        Adapter: after the warm-up step the cloud holds every killed module's unchanged weights, so a
+        timed step sends exactly the trained modules' weights and gets their gradients back.
+        """
+        from common.wire.cost import adapter_step_cost, step_cost
+
+        edge, spec, cfg = self.engine.edge, self.spec, self.cfg
+        parts = [p.attention_mask.numel() for p in self.batches[1].split(spec.micro_batches)]
+        if spec.protocol == "adapter":
+            layout = self.engine.adapter.layout()  # type: ignore[attr-defined]
+            numel = layout.total_numel([layout.module(layer, t) for layer in self.active for t in range(layout.per_layer)])
+            cost = adapter_step_cost(parts, edge.embed_width, edge.head_width, numel, numel, True, cfg.codec_up,
+                                     cfg.int8_block_size, cfg.codec_down, cfg.weights_wire)  # sent = trained
+            return cost.up + cost.down
+        costs = [step_cost(n, edge.embed_width, edge.head_width, edge.group_shapes(), self.roles, True, cfg.codec_up,
+                           cfg.int8_block_size, cfg.codec_down) for n in parts]
+        return sum(c.up + c.down for c in costs)
+
+    def result(self) -> dict[str, Any]:
         self.engine.close()
-        edge, spec, split = self.engine.edge, self.spec, self.cfg.cloud is not None
-        formula = step_cost(spec.batch_size * spec.seq_len, edge.embed_width, edge.head_width, edge.group_shapes(),
-                            self.roles, True, self.cfg.codec_up, self.cfg.int8_block_size, self.cfg.codec_down)
+        split = self.cfg.cloud is not None
         return {
             "median_step_s": statistics.median(self.times), "step_s": self.times,
             "cpu_s_per_step": statistics.mean(self.cpu), "peak_rss_mb": peak_rss_mb(), "final_loss": self.loss,
             "payload_per_step": statistics.mean(self.payload) if split else 0,
-            "formula_per_step": formula.up + formula.down if split else 0,
+            "formula_per_step": self.formula() if split else 0,
             "wire_per_step": statistics.mean(self.wire) if split else 0,
             "active": len(self.active), "layers": len(self.roles),
         }

@@ -79,3 +79,34 @@ def test_a_failing_head_fails_the_step_not_hangs(tiny_dir, cloud, data_file, tmp
         RemoteStep(engine.link, engine.adapter, step=0, roles=layer_roles({0, 1}, 2, "detached"), train=True, head=head,
                    heads=engine._heads).run(parts)
     engine.close()
+
+
+@pytest.mark.parametrize("protocol", ["layerwise", "adapter"])
+def test_the_next_step_right_after_step_done_is_never_refused(protocol, tiny_dir, cloud, data_file, tmp_path,
+                                                               monkeypatch):
+    """The edge sends its next step (StepWeights, or M StepBegins with M = --max-micro-batches) the moment the
+    last StepDone arrives. The cloud must count a micro-batch as ended before its StepDone leaves, however
+    late the thread that ends it runs: here every micro-batch's end is delayed 0.3 s, which refused the next
+    step (INVALID_ARGUMENT / RESOURCE_EXHAUSTED) when StepDone went out first."""
+    from cloud_server.session import _Dispatcher
+
+    finished = _Dispatcher._finished
+
+    def late(self, run):
+        import time
+
+        time.sleep(0.3)
+        finished(self, run)
+
+    monkeypatch.setattr(_Dispatcher, "_finished", late)
+    model_dir = tiny_dir("llama", layers=2)
+    cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir, max_micro_batches=2),
+                      micro_batches=2, protocol=protocol, progress=False)
+    split = SplitEngine(cfg)
+    batch = collate(load_examples(data_file, split.tokenizer, 64)[:4], split.tokenizer.pad_token_id)
+    roles = layer_roles({0, 1}, 2, "detached")
+    try:
+        for step in range(3):
+            split.train_step(batch, step, roles)
+    finally:
+        split.close()

@@ -55,11 +55,15 @@ GRAD_RTOL, GRAD_ATOL = 1e-5, 3e-5  # atol x the tensor's largest element; see th
 LR = 0.1
 
 
+@pytest.mark.parametrize("protocol,micro_batches,dropout", [("layerwise", 1, 0.0), ("adapter", 2, 0.1)])
 @pytest.mark.parametrize("family,targets", [(f, None) for f in FAMILIES] + [(f, t) for f, t in ALL_TARGETS.items()])
-def test_split_equals_peft(family, targets, tiny_dir, cloud, data_file, tmp_path):
+def test_split_equals_peft(family, targets, protocol, micro_batches, dropout, tiny_dir, cloud, data_file, tmp_path):
+    """Each protocol against local-train with the same --micro-batches and --lora-dropout: the keyed dropout
+    masks are the same draws on both sides (common/lora_math.py), so dropout changes no tolerance."""
     model_dir = tiny_dir(family)
     cfg = TrainConfig(model=model_dir, data=data_file, output=tmp_path, cloud=cloud(model_dir), rank=4, alpha=8,
-                      lora_dropout=0.0, targets=tuple(targets.split(",")) if targets else None, progress=False)
+                      lora_dropout=dropout, targets=tuple(targets.split(",")) if targets else None, progress=False,
+                      protocol=protocol, micro_batches=micro_batches)
     split, local = SplitEngine(cfg), LocalEngine(cfg)
     _nonzero_init([split, local], model_dir, cfg)
     names = [k for k, _ in split.adapter.named_lora_parameters()]

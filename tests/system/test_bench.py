@@ -138,4 +138,25 @@ def test_bench_over_an_emulated_asymmetric_link_says_which_link_it_used(tiny_dir
     split = [row for row in result["rows"] if row["name"] == "split"]
     assert [row["wire"] for row in split] == ["int8/bfloat16"]
     assert split[0]["payload_per_step"] == split[0]["formula_per_step"] > 0
-    assert "| split | int8/bfloat16 |" in (tmp_path / "bench.md").read_text()
+    assert "| split | layerwise | int8/bfloat16 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_measures_both_protocols_in_one_run(tiny_dir, tmp_path):
+    """--protocols layerwise,adapter: one row per protocol and M, each paired with its own local-train, each
+    row's measured payload equal to its own protocol's formula, and adapter's the smaller."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "edge_client.app.cli", "bench", "--model", str(tiny_dir("llama")),
+                        "--protocols", "layerwise,adapter", "--wires", "int8", "--budgets", "all,1",
+                        "--micro-batches", "1,2", "--steps", "1", "--batch-size", "4", "--seq-len", "16",
+                        "--json", str(out), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "DLORA_CACHE": str(tmp_path / "cache")},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    split = [row for row in json.loads(out.read_text())["rows"] if row["name"] == "split"]
+    assert [(row["protocol"], row["active"], row["micro_batches"]) for row in split] == [
+        (p, a, m) for p in ("layerwise", "adapter") for a in (3, 1) for m in (1, 2)]
+    for row in split:
+        assert row["payload_per_step"] == row["formula_per_step"] > 0, (row["protocol"], row["active"], row["micro_batches"])
+    by = {(row["protocol"], row["active"], row["micro_batches"]): row["payload_per_step"] for row in split}
+    assert all(by[("adapter", a, m)] < by[("layerwise", a, m)] for a in (3, 1) for m in (1, 2))
+    assert "| split | adapter | int8 |" in r.stdout
