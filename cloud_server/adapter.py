@@ -3,10 +3,12 @@
 Per stream, `WeightCache` holds every module's (A, B) the edge has sent; a StepWeights adds to it
 (all or nothing) and opens an `AdapterStep`. Each micro-batch of that step computes its deltas with
 a `CloudLora`: PEFT's maths (common/lora_math.py) with the keyed dropout masks, trained modules as
-leaves of their own per micro-batch (so concurrent micro-batches never add into one .grad). When the
-step's last micro-batch has run its backward, `AdapterStep.deposit` sums the micro-batches' gradients
-in micro-batch order and returns the LoraGrads to send: the result does not depend on which thread
-finished first.
+leaves of their own per micro-batch (so concurrent micro-batches never add into one .grad). As the
+backward passes a layer, each micro-batch hands its trained modules' gradients to the step
+(`AdapterStep.deposit`), which sums every module over the micro-batches in micro-batch order (the
+result does not depend on which thread finished first) and sends a layer's LoraGrads as soon as
+all its trained modules are summed: the top layers' gradients cross the wire while the lower
+layers' backward still runs.
 
 Kill modes keep their meaning (DESIGN.md): `dropped` layers are ABSENT (no delta, no weights sent);
 `detached` ones are FORWARD (delta applied, no gradient through it); `frozen` ones above the lowest
@@ -16,7 +18,9 @@ path, none is returned).
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +81,8 @@ class WeightCache:
         flat = codecs.decode(msg.weights, f"{where}.weights", (layout.total_numel(modules),), self.spec.codec,
                              torch.float32, frame.payloads.get("weights"), self.device)
         new = dict(self.weights)
-        new.update(zip(modules, layout.unpack(flat, modules)))
+        # copies: a view would keep the whole received message alive while any one of its modules is held
+        new.update((m, (a.clone(), b.clone())) for m, (a, b) in zip(modules, layout.unpack(flat, modules)))
         missing = [m for m in trained if m not in new]
         if missing:
             raise ProtocolError(f"{where}: asks for the gradient of module {missing[0]}, whose weights it never sent")
@@ -93,11 +98,17 @@ class AdapterStep:
         self.spec, self.step, self.micro_batches, self.train = spec, step, micro_batches, train
         self.trained, self.weights = trained, weights
         self.started: set[int] = set()  # micro-batches begun
-        self._grads: dict[int, list[torch.Tensor]] = {}  # micro-batch -> its dA, dB of every trained module
+        layout = spec.layout
+        self._parts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> micro-batch -> dA, dB
+        self._summed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> dA, dB over all micro-batches
+        self._due: dict[int, set[int]] = {}  # layer -> its trained modules not yet summed
+        for m in trained:
+            self._due.setdefault(layout.layer_of(m), set()).add(m)
         self._lock = threading.Lock()
 
-    def begin(self, begin: pb.StepBegin) -> CloudLora:
-        """The LoRA of one micro-batch of this step, after checking its StepBegin against the step.
+    def begin(self, begin: pb.StepBegin, send: Callable[[Frame], None]) -> CloudLora:
+        """The LoRA of one micro-batch of this step, after checking its StepBegin against the step; `send`
+        sends its LoraGrads.
 
         Raises:
             ProtocolError: another step, a micro-batch out of range or repeated, another train flag,
@@ -126,19 +137,30 @@ class AdapterStep:
             if begin.micro_batch in self.started:
                 raise ProtocolError(f"{where} was already run")
             self.started.add(begin.micro_batch)
-        return CloudLora(self, begin.micro_batch, roles)
+        return CloudLora(self, begin.micro_batch, roles, send)
 
-    def deposit(self, micro_batch: int, grads: list[torch.Tensor]) -> Frame | None:
-        """Keep one micro-batch's gradients; after the step's last, the LoraGrads to send (else None)."""
+    def deposit(self, micro_batch: int, module: int, da: torch.Tensor, db: torch.Tensor) -> Frame | None:
+        """Keep one micro-batch's gradient of one trained module (each micro-batch gives each module once:
+        CloudLora sees to it). Once every micro-batch has given it, it is summed in micro-batch order
+        (g0 + g1 + g2 ..., whichever thread finished first); once every trained module of its layer is
+        summed, the LoraGrads to send."""
+        layout = self.spec.layout
         with self._lock:
-            self._grads[micro_batch] = grads
-            if len(self._grads) < self.micro_batches:
+            parts = self._parts.setdefault(module, {})
+            parts[micro_batch] = (da, db)
+            if len(parts) < self.micro_batches:
                 return None
-            parts = [self._grads[mb] for mb in range(self.micro_batches)]
-        # in micro-batch order, g0 + g1 + g2 ..., whichever thread finished first
-        summed = [_ordered_sum([gs[i] for gs in parts]) for i in range(len(parts[0]))]
-        flat = self.spec.layout.pack(summed)
-        msg = pb.CloudMessage(lora_grads=pb.LoraGrads(step=self.step, modules=self.trained))
+            ordered = [parts[mb] for mb in range(self.micro_batches)]
+            self._summed[module] = (_ordered_sum([g[0] for g in ordered]), _ordered_sum([g[1] for g in ordered]))
+            del self._parts[module]
+            due = self._due[layout.layer_of(module)]
+            due.discard(module)
+            if due:
+                return None
+            modules = sorted(m for m in self._summed if layout.layer_of(m) == layout.layer_of(module))
+            ready = [self._summed.pop(m) for m in modules]
+        flat = layout.pack([g for pair in ready for g in pair])
+        msg = pb.CloudMessage(lora_grads=pb.LoraGrads(step=self.step, modules=modules))
         data = codecs.encode_into(msg.lora_grads.grads, flat, self.spec.codec)
         return Frame(msg, {"grads": data})
 
@@ -151,10 +173,15 @@ def _ordered_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class CloudLora:
-    """The LoRA of one micro-batch: what the stack's slots add, and, after backward, its gradients."""
+    """The LoRA of one micro-batch: what the stack's slots add, and its gradients as the backward makes them.
 
-    def __init__(self, step: AdapterStep, micro_batch: int, roles: list[int]) -> None:
-        self.step, self.micro_batch, self.roles = step, micro_batch, roles
+    Each trained module's leaves carry a hook that fires when the backward has accumulated their gradient,
+    which hands the pair to the step at once: the top layers' LoraGrads leave while the layers below are
+    still running their backward.
+    """
+
+    def __init__(self, step: AdapterStep, micro_batch: int, roles: list[int], send: Callable[[Frame], None]) -> None:
+        self.step, self.micro_batch, self.roles, self.send = step, micro_batch, roles, send
         spec = step.spec
         self._index = {p: t for t, p in enumerate(spec.paths)}
         trained = set(step.trained)
@@ -163,6 +190,34 @@ class CloudLora:
             m: tuple(w.detach().requires_grad_(m in trained) for w in ab)  # type: ignore[misc]
             for m, ab in step.weights.items()
         }
+        self._got: dict[int, list[torch.Tensor | None]] = {m: [None, None] for m in step.trained}
+        self._given: set[int] = set()  # trained modules whose gradients this micro-batch has handed over
+        for m in step.trained:
+            for i, leaf in enumerate(self._params[m]):
+                leaf.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, m, i))
+
+    def _grad_ready(self, module: int, i: int, leaf: torch.Tensor) -> None:
+        got = self._got[module]
+        got[i] = leaf.grad
+        if got[0] is not None and got[1] is not None:
+            self._deposit(module, got[0], got[1])
+
+    def _deposit(self, module: int, da: torch.Tensor, db: torch.Tensor) -> None:
+        if module in self._given:
+            return
+        self._given.add(module)
+        frame = self.step.deposit(self.micro_batch, module, da, db)
+        if frame is not None:
+            self.send(frame)
+
+    def finish(self) -> None:
+        """After this micro-batch's backward: a trained module the backward did not reach gives zeros."""
+        for m in self.step.trained:
+            if m not in self._given:
+                a, b = self._params[m]
+                got = self._got[m]
+                self._deposit(m, got[0] if got[0] is not None else torch.zeros_like(a),
+                              got[1] if got[1] is not None else torch.zeros_like(b))
 
     def delta(self, layer: int, path: str, x: torch.Tensor) -> torch.Tensor | None:
         """s * B(A(dropout(x))) of target `path` in `layer` (None where the layer is ABSENT), as PEFT computes
@@ -177,11 +232,3 @@ class CloudLora:
         xs = x if role == pb.FORWARD_BACKWARD and self.step.train else x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and role == pb.FORWARD_BACKWARD):
             return lora_delta(xs.to(a.dtype), a, b, spec.scaling, spec.dropout, key)
-
-    def grads(self) -> list[torch.Tensor]:
-        """dA, dB of every trained module in order (zeros where backward did not reach one)."""
-        out = []
-        for m in self.step.trained:
-            for w in self._params[m]:
-                out.append(w.grad if w.grad is not None else torch.zeros_like(w))
-        return out

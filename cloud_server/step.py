@@ -14,8 +14,9 @@ The order of one micro-batch, as `StepRun.run` performs it:
 4. answer StepDone (or StepError) and tell the session the micro-batch has ended.
 
 In an adapter-protocol session (cloud_server/adapter.py) step 2 asks no one: the slots get their
-deltas from the micro-batch's `CloudLora`, and step 3 sends no LoraBackward; after the backward the
-micro-batch hands its gradients to the step, and the step's last micro-batch sends LoraGrads.
+deltas from the micro-batch's `CloudLora`, and step 3 sends no LoraBackward; as the backward passes
+each layer, the micro-batch hands its trained modules' gradients to the step, which sends a layer's
+LoraGrads once every micro-batch has given them.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class StepRun:
             if self.spec.lora is not None:
                 if self.adapter_step is None:
                     raise ProtocolError(f"step {self.step}: an adapter session sends StepWeights before its StepBegins")
-                self.lora = self.adapter_step.begin(self.frame.body)
+                self.lora = self.adapter_step.begin(self.frame.body, self.stream.send)
             self._execute(emb, mask)
             reply = pb.CloudMessage(step_done=pb.StepDone(
                 step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started))
@@ -172,10 +173,8 @@ class StepRun:
         )
         if hidden.requires_grad:  # False when no layer takes part in backward
             torch.autograd.backward(hidden, grad)
-        if self.lora is not None and self.adapter_step is not None:
-            grads = self.adapter_step.deposit(self.mb, self.lora.grads())
-            if grads is not None:  # this was the step's last micro-batch
-                self.stream.send(grads)
+        if self.lora is not None:  # the backward's hooks sent what it reached; the rest is zero
+            self.lora.finish()
 
     # -- called by the slots, inside the stack's forward
     def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None:

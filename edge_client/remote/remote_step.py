@@ -13,8 +13,9 @@ The link (link.py) only moves and counts the messages.
 In the adapter protocol (the link's `protocol`) the cloud runs LoRA itself: before the StepBegins
 this side sends StepWeights (the modules of the present layers the cloud does not hold yet on this
 stream, compared by value, so a killed module's unchanged weights go once), there are no LoraForward
-or LoraBackward calls, and after the step's last micro-batch the cloud sends LoraGrads, the trained
-modules' gradients summed over the micro-batches, which land in the parameters' .grad.
+or LoraBackward calls, and during the backward the cloud sends LoraGrads, layer by layer as each
+trained module's gradient is complete (summed over the micro-batches), which land in the
+parameters' .grad; the step ends when every trained module's gradient and every StepDone are in.
 
 `RemoteStack.forward(embeddings, mask, roles) -> hidden` is the same exchange without training: the
 frozen stack on the cloud as a plain function, for evaluation.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ProtocolError
+from common.errors import ProtocolError, one_line
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
 from common.wire.frames import Frame
@@ -92,7 +93,7 @@ class RemoteStep:
                 "attention_mask": codecs.encode_into(begin.attention_mask, part.attention_mask, "uint8"),  # 0/1
             }), self.traffic)
         pending = set(self._shapes)
-        grads_due = adapter and self.train  # one LoraGrads per training step
+        grads_due = set(trained)  # adapter: trained modules whose gradients have not come yet
         try:
             while pending or grads_due:
                 frame = link.recv(self.traffic)
@@ -100,9 +101,8 @@ class RemoteStep:
                 if kind == "step_error":
                     link.close()  # other micro-batches may still be in flight: this stream is spent
                     raise cloud_error(body.code, f"dlora-cloud rejected step {body.step}: {body.message}")
-                if kind == "lora_grads" and grads_due and body.step == self.step:
-                    self._on_lora_grads(frame, trained)
-                    grads_due = False
+                if kind == "lora_grads" and adapter and body.step == self.step:
+                    self._on_lora_grads(frame, grads_due)
                     continue
                 mb = getattr(body, "micro_batch", -1)
                 if getattr(body, "step", -1) != self.step or mb not in pending:
@@ -153,16 +153,20 @@ class RemoteStep:
         self.link.send(Frame(msg, {"weights": data}), self.traffic)
         return trained
 
-    def _on_lora_grads(self, frame: Frame, trained: list[int]) -> None:
+    def _on_lora_grads(self, frame: Frame, due: set[int]) -> None:
+        """One LoraGrads: the summed gradients of some trained modules, each due once; they become .grad."""
         body: pb.LoraGrads = frame.body
-        if list(body.modules) != trained or self.lora is None:
-            raise ProtocolError(f"cloud sent LoRA gradients of other modules than step {self.step} trains")
+        modules = list(body.modules)
+        if self.lora is None or not modules or any(m not in due for m in modules) or modules != sorted(set(modules)):
+            raise ProtocolError(f"cloud sent LoRA gradients of modules {one_line(str(modules[:8]), 60)} that step "
+                                f"{self.step} does not train or already has")
         layout = self.lora.layout()
-        flat = codecs.decode(body.grads, f"LoraGrads of step {self.step}", (layout.total_numel(trained),),
+        flat = codecs.decode(body.grads, f"LoraGrads of step {self.step}", (layout.total_numel(modules),),
                              self.link.config.weights_wire, payload=frame.payloads.get("grads"), device=self.lora.edge.device)
-        for m, (da, db) in zip(trained, layout.unpack(flat, trained)):
-            for param, grad in ((self.lora.pairs[m].A, da), (self.lora.pairs[m].B, db)):
-                param.grad = grad.clone() if param.grad is None else param.grad + grad
+        for m, (da, db) in zip(modules, layout.unpack(flat, modules)):
+            for param, grad in ((self.lora.pairs[m].A, da), (self.lora.pairs[m].B, db)):  # added, as autograd would
+                param.grad = grad.clone() if param.grad is None else param.grad + grad  # own memory, not the message's
+        due.difference_update(modules)
 
     # -- answers
     def _on_lora_forward(self, frame: Frame) -> None:

@@ -120,7 +120,8 @@ def assert_payload(
     split: SplitEngine, traffic: Traffic, batch: Batch, sent: list[int], trained: list[int], wire: Wire = Wire()
 ) -> None:
     """The step's payload equals adapter_step_cost for these sent and trained modules, and its messages
-    are one StepWeights, one LoraGrads and one StepBegin, HiddenGrad and Hidden per micro-batch."""
+    are one StepWeights, one LoraGrads per layer with trained modules (sent as the backward passes it) and
+    one StepBegin, HiddenGrad and Hidden per micro-batch."""
     layout, edge = split.adapter.layout(), split.edge
     tokens = [part.input_ids.numel() for part in batch.split(split.micro_batches)]  # N_i, as the engine splits
     w, g = layout.total_numel(sent), layout.total_numel(trained)
@@ -129,7 +130,7 @@ def assert_payload(
     )
     assert (traffic.payload_up, traffic.payload_down) == (want.up, want.down)
     m = len(tokens)
-    per_step = {"up:step_weights": 1, "down:lora_grads": 1}
+    per_step = {"up:step_weights": 1, "down:lora_grads": len({layout.layer_of(i) for i in trained})}
     per_micro_batch = {"up:step_begin": m, "up:hidden_grad": m, "down:hidden": m, "down:step_done": m}
     assert traffic.messages == per_step | per_micro_batch
 
