@@ -81,14 +81,16 @@ def _lora_spec(hello: pb.Hello, stack: DecoderStack, groups: list[tuple[str, ...
         raise ProtocolError("adapter protocol: lora_alpha must be finite and > 0")
     if not 0 <= hello.lora_dropout < 1:
         raise ProtocolError("adapter protocol: lora_dropout must be in [0, 1)")
-    codec = codecs.BY_ENUM[hello.codec_weights].name if hello.codec_weights in codecs.BY_ENUM else "float32"
-    if hello.codec_weights and codec not in WEIGHT_CODECS:
+    # unset is float32; an enum value no codec has is refused, not read as float32
+    known = codecs.BY_ENUM[hello.codec_weights].name if hello.codec_weights in codecs.BY_ENUM else ""
+    codec = known if hello.codec_weights else "float32"
+    if codec not in WEIGHT_CODECS:
         raise ProtocolError(f"adapter protocol: codec_weights must be one of {', '.join(WEIGHT_CODECS)}")
     layout = AdapterLayout(stack.num_layers, rank, tuple((stack.in_width(p), stack.out_width(p)) for p in paths))
     mb = 4 * layout.total_numel(range(layout.num_modules)) / 2**20  # held as float32
     if mb > max_adapter_mb:
         raise ProtocolError(f"adapter protocol: a rank-{rank} adapter on {len(paths)} targets x {stack.num_layers} layers "
-                            f"is {mb:.0f} MB, this cloud holds at most {max_adapter_mb} MB per session "
+                            f"is {mb:.1f} MB, this cloud holds at most {max_adapter_mb} MB per session "
                             "(--max-adapter-mb); lower --rank or use fewer --targets")
     return LoraSpec(layout, hello.lora_alpha, hello.lora_dropout, hello.dropout_seed, codec, paths)
 
@@ -322,7 +324,8 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
     Bad input abandons one micro-batch (or report), not the session. `before_step` runs before every
-    StepBegin and EpochReport is dispatched (the device token's check: what it raises ends the session).
+    StepWeights, StepBegin and EpochReport is dispatched (the device token's check: what it raises ends the
+    session).
 
     `limits` is the serve config: --max-tokens and --max-micro-batches refuse a micro-batch (RESOURCE_EXHAUSTED
     in its StepError), --idle-timeout ends a stream silent between steps, --step-timeout one silent in a step.
@@ -343,7 +346,7 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
                 break
             session.heard()
             session.raise_failure()
-            if before_step is not None and msg.kind in ("step_begin", "epoch_report"):
+            if before_step is not None and msg.kind in ("step_weights", "step_begin", "epoch_report"):
                 before_step()
             session.dispatch(msg)
         session.raise_failure()

@@ -3,10 +3,12 @@ hand with raw bytes, a real cloud on a Redis of the test's own, and this process
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from common.wire.protocol import PROTOCOL, SESSION_METHOD, channel_options
 
 # what a cloud may answer to anything a device sends: never INTERNAL or UNKNOWN
 REFUSALS = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"}
+RSS_LIMIT_MB = 50  # the most a bomb may grow a cloud's peak memory: far below what any of them claims
 
 
 def rss_mb(pid: int | str = "self", peak: bool = False) -> float:
@@ -35,6 +38,18 @@ def reset_peak(pid: int | str = "self") -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+@contextmanager
+def peak_rss_growth_under_limit() -> Iterator[None]:
+    """The block's peak RSS growth in this process (an in-process cloud's), printed and held under RSS_LIMIT_MB."""
+    gc.collect()
+    reset_peak()
+    before = rss_mb()
+    yield
+    grown = rss_mb(peak=True) - before
+    print(f"\npeak RSS +{grown:.1f} MB")
+    assert grown < RSS_LIMIT_MB
+
+
 def hello(model_dir: Path, **over: object) -> pb.Hello:
     """A Hello a correct device would send for the tiny llama (targets q and v), with `over` replacing fields."""
     fields: dict[str, object] = dict(protocol=PROTOCOL, model_fingerprint=fingerprint(model_dir),
@@ -42,6 +57,14 @@ def hello(model_dir: Path, **over: object) -> pb.Hello:
                                      codec_down=pb.FLOAT32)
     fields.update(over)
     return pb.Hello(**fields)  # type: ignore[arg-type]
+
+
+def adapter_hello(model_dir: Path, **over: object) -> pb.Hello:
+    """`hello` for the adapter protocol: rank 4, alpha 8, dropout 0.1, seed 3, float32 weights; `over` replaces fields."""
+    fields: dict[str, object] = dict(step_protocol=pb.ADAPTER, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
+                                     dropout_seed=3, codec_weights=pb.FLOAT32)
+    fields.update(over)
+    return hello(model_dir, **fields)
 
 
 @dataclass

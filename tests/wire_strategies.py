@@ -5,7 +5,10 @@ int8 block size or scales; huge and negative dimensions; open-enum values no cod
 at the ends of their wire types; NaN and Inf; real messages in the wrong order; real messages cut short
 or with a byte flipped; tensor bytes framed after the message (common/wire/frames.py) under the wrong
 field; and plain random bytes. Tensor bytes come from a seeded generator, not from Hypothesis, so that
-a large tensor costs Hypothesis nothing to draw.
+a large tensor costs Hypothesis nothing to draw. The adapter protocol's (`adapter_scripts`): Hellos with
+any LoRA setting, StepWeights with module numbers out of range, repeated or unordered, trained modules
+never sent, micro-batch counts at the ends of uint32, weights near the layout's length in any codec, and
+a correct step's exchange with one message replaced, dropped, repeated, added or mutated.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs, frames
+from common.wire.adapter import AdapterLayout
 
 # the default run and `pytest -m slow` (the slow tests load the second profile)
 settings.register_profile("fuzz", max_examples=300, deadline=None, database=None, print_blob=True,
@@ -28,6 +32,7 @@ settings.register_profile("fuzz-slow", settings.get_profile("fuzz"), max_example
 CODECS = st.sampled_from([0, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16, pb.INT8_BLOCKWISE, pb.UINT8, 6, 99, 2**31 - 1])
 U32 = st.one_of(st.integers(0, 4), st.sampled_from([2**16, 2**24, 2**24 + 1, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1))
 U64 = st.one_of(st.integers(0, 3), st.sampled_from([2**32, 2**63, 2**64 - 1]), st.integers(0, 2**64 - 1))
+I64 = st.one_of(st.integers(-2, 3), st.sampled_from([-(2**63), 2**63 - 1]), st.integers(-(2**63), 2**63 - 1))
 DIM = st.one_of(st.integers(0, 8), st.sampled_from([32, 33, 48, 500, 2**20, 2**31, 2**40, 2**62, 2**63 - 1]),
                 st.integers(-(2**63), -1))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e-300, 1e300]))
@@ -106,13 +111,15 @@ def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
 
 
 def hello_fields(fingerprint: str, targets: list[str]) -> st.SearchStrategy[pb.Hello]:
-    """A Hello: mostly right, with any field possibly wrong."""
+    """A Hello: mostly right, with any field possibly wrong (the adapter protocol's LoRA settings included)."""
     def build(d: dict) -> pb.Hello:
         h = pb.Hello(protocol=d["protocol"], model_fingerprint=d["fp"], session_id=d["sid"], targets=d["targets"],
                      codec_up=d["up"], codec_down=d["down"], block_size_down=d["block"], budget=d["budget"],
-                     revive=d["revive"], kill_threshold=d["tau"])
+                     revive=d["revive"], kill_threshold=d["tau"], step_protocol=d["protocol_step"])
         if d["warmup"] is not None:
             h.warmup_epochs = d["warmup"]
+        if d["lora"] is not None:
+            h.lora_rank, h.lora_alpha, h.lora_dropout, h.dropout_seed, h.codec_weights = d["lora"]
         return h
 
     good = st.fixed_dictionaries({
@@ -127,8 +134,21 @@ def hello_fields(fingerprint: str, targets: list[str]) -> st.SearchStrategy[pb.H
         "budget": st.one_of(st.just(0), U32),
         "revive": st.one_of(st.just(0), U32),
         "tau": st.one_of(st.just(0.0), FLOATS),
+        "protocol_step": st.sampled_from([pb.LAYERWISE] * 3 + [pb.ADAPTER] * 3 + [2, 99]),
+        "lora": st.one_of(st.none(), lora_settings()),
     })
     return good.map(build)
+
+
+def lora_settings() -> st.SearchStrategy[tuple[int, float, float, int, int]]:
+    """An adapter Hello's (lora_rank, lora_alpha, lora_dropout, dropout_seed, codec_weights): mostly in range."""
+    return st.tuples(
+        st.one_of(st.sampled_from([4, 4, 1, 0]), U32),
+        st.one_of(st.sampled_from([8.0, 8.0, 0.0, -1.0]), FLOATS),
+        st.one_of(st.sampled_from([0.1, 0.0, 1.0, -0.1, 0.999]), FLOATS),
+        I64,
+        st.sampled_from([pb.FLOAT32] * 3 + [0, pb.BFLOAT16, pb.FLOAT16, pb.INT8_BLOCKWISE, pb.UINT8, 99]),
+    )
 
 
 @st.composite
@@ -180,6 +200,85 @@ def edge_messages(draw: st.DrawFn, fingerprint: str, targets: list[str], hidden:
         body.deltas.extend(draw(st.lists(FLOATS, min_size=n, max_size=n + draw(st.sampled_from([0, 0, 1])))))
     raw = _frame(msg, payloads)
     return draw(mutated(raw)) if mutate else raw
+
+
+@st.composite
+def step_weights(draw: st.DrawFn, layout: AdapterLayout) -> bytes:
+    """One StepWeights on the wire for a session with `layout`: valid-looking or not."""
+    n = layout.num_modules
+    modules = draw(st.one_of(
+        st.just(list(range(n))),
+        st.lists(st.integers(0, n - 1), unique=True, max_size=n).map(sorted),  # ascending, in range
+        st.lists(st.one_of(st.integers(0, n + 1), U32), max_size=n + 2)))  # anything
+    trained = draw(st.one_of(st.just(modules), st.just([]), st.just(list(range(n))),
+                             st.lists(st.one_of(st.integers(0, n), U32), max_size=n + 1)))
+    msg = pb.EdgeMessage()
+    body = msg.step_weights
+    body.step = draw(st.one_of(st.just(0), st.integers(0, 2), U64))
+    body.micro_batches = draw(st.one_of(st.just(1), st.integers(0, 3), U32))
+    body.train = draw(st.booleans())
+    body.modules.extend(modules)
+    body.trained.extend(trained)
+    numel = layout.total_numel([m for m in modules if m < n])  # the length a receiver expects, near enough
+    payloads = _with_tensor(body, "weights", draw(tensors((numel,))), draw(st.booleans()))
+    raw = _frame(msg, payloads)
+    return draw(mutated(raw)) if draw(st.integers(0, 19)) == 0 else raw
+
+
+def adapter_exchange(fingerprint: str, targets: list[str], hidden: int, layout: AdapterLayout, b: int,
+                     t: int) -> list[bytes]:
+    """What a correct device sends for one adapter training step of one (b, t) micro-batch, every layer
+    FORWARD_BACKWARD and every module trained: Hello, StepWeights, StepBegin, HiddenGrad (all queued at once;
+    the cloud holds the HiddenGrad for the micro-batch its StepBegin started)."""
+    every = list(range(layout.num_modules))
+    hello = pb.Hello(protocol="dlora.v1", model_fingerprint=fingerprint, targets=targets, codec_up=pb.FLOAT32,
+                     codec_down=pb.FLOAT32, step_protocol=pb.ADAPTER, lora_rank=layout.rank, lora_alpha=8.0,
+                     lora_dropout=0.1, dropout_seed=3, codec_weights=pb.FLOAT32)
+    g = torch.Generator().manual_seed(b * 10 + t)
+
+    def framed(kind: str, field: str, t_: torch.Tensor, codec: str = "float32", **fields: object) -> bytes:
+        msg = pb.EdgeMessage(**{kind: fields})
+        data = codecs.encode_into(getattr(getattr(msg, kind), field), t_, codec)
+        return frames.serialize(frames.Frame(msg, {field: bytes(data)}))
+
+    begin = pb.EdgeMessage(step_begin=pb.StepBegin(step=0, train=True, layer_roles=[pb.FORWARD_BACKWARD] * layout.num_layers,
+                                                   attention_mask=codecs.encode(torch.ones(b, t), "uint8")))
+    data = codecs.encode_into(begin.step_begin.embeddings, torch.randn(b, t, hidden, generator=g), "float32")
+    return [
+        pb.EdgeMessage(hello=hello).SerializeToString(),
+        framed("step_weights", "weights", 0.3 * torch.randn(layout.total_numel(every), generator=g), step=0,
+               micro_batches=1, train=True, modules=every, trained=every),
+        frames.serialize(frames.Frame(begin, {"embeddings": bytes(data)})),
+        framed("hidden_grad", "grad", torch.randn(b, t, hidden, generator=g), step=0),
+    ]
+
+
+@st.composite
+def adapter_scripts(draw: st.DrawFn, fingerprint: str, targets: list[str], hidden: int,
+                    layout: AdapterLayout) -> tuple[list[bytes], bool]:
+    """What a device sends on one adapter-protocol stream, and whether to wait for the step's answer before
+    half-closing (a half-close abandons a running micro-batch): a correct step's exchange as it is, or with
+    one message replaced, dropped, repeated, added (before it) or mutated, waited for when the StepBegin and
+    its HiddenGrad are left as they are, in order (so the wait ends in a StepDone or StepError, or with the
+    call); or a Hello (mostly a correct adapter one) and up to 5 messages, StepWeights most often."""
+    layers = layout.num_layers
+    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    exchange = adapter_exchange(fingerprint, targets, hidden, layout, b, t)
+    other = st.one_of(step_weights(layout), step_weights(layout), edge_messages(fingerprint, targets, hidden, layers))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(exchange) - 1))
+        how = draw(st.sampled_from(["as it is", "replace", "drop", "repeat", "add", "mutate"]))
+        exchange[i:i + 1] = {"as it is": lambda: [exchange[i]], "replace": lambda: [draw(other)], "drop": lambda: [],
+                             "repeat": lambda: [exchange[i]] * 2, "add": lambda: [draw(other), exchange[i]],
+                             "mutate": lambda: [draw(mutated(exchange[i]))]}[how]()
+        return exchange, how == "as it is" or i < 2  # 2, 3: the StepBegin and the HiddenGrad
+    first = draw(st.sampled_from(["good"] * 6 + ["fuzzed", "layerwise"]))
+    script = {"good": lambda: exchange[:1],
+              "fuzzed": lambda: [pb.EdgeMessage(hello=draw(hello_fields(fingerprint, targets))).SerializeToString()],
+              "layerwise": lambda: [pb.EdgeMessage(hello=pb.Hello(
+                  protocol="dlora.v1", model_fingerprint=fingerprint, targets=targets, codec_up=pb.FLOAT32,
+                  codec_down=pb.FLOAT32)).SerializeToString()]}[first]()
+    return script + draw(st.lists(st.one_of(other, st.sampled_from(exchange[1:])), max_size=5)), False
 
 
 @st.composite

@@ -2,7 +2,8 @@
 
 Hypothesis writes what a hostile or broken device could send on a session stream (tests/wire_strategies.py:
 valid-looking StepBegins with the wrong shape, codec, int8 block size or scales, huge and negative
-dimensions, unknown layer roles, replies out of order, cut or flipped messages, random bytes). Each script
+dimensions, unknown layer roles, replies out of order, cut or flipped messages, random bytes; and, in
+adapter-protocol sessions, Hellos with any LoRA setting and StepWeights with garbage fields and bytes). Each script
 runs on its own stream against one real cloud (`dlora-cloud serve` as a child process, so that its memory
 is its own and not Hypothesis's), and the cloud may answer only INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED or UNAUTHENTICATED (as the
 stream's status or as a StepError), each in one line: never INTERNAL or UNKNOWN. Afterwards the cloud still
@@ -11,46 +12,44 @@ answers Health SERVING and trains a real step, and its peak memory (VmHWM) over 
 memory likewise): a 4-byte int8 block-size bomb (17 GB for a receiver that pads blocks), shape bombs, a
 message over the size limit.
 
-The default run tries 300 scripts (profile "fuzz", ~30 s on 2 cores); `pytest -m slow` 3000 ("fuzz-slow").
+The default run tries 300 scripts of each protocol (profile "fuzz", ~30 s each on 2 cores); `pytest -m slow`
+3000 ("fuzz-slow").
 """
 
 from __future__ import annotations
 
-import gc
 import math
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from hypothesis import given, settings
-from raw_stream import REFUSALS, Ending, RawStream, hello, raw_channel, reset_peak, rss_mb, start_cloud
-from wire_strategies import edge_scripts
+from raw_stream import (
+    REFUSALS,
+    RSS_LIMIT_MB,
+    Ending,
+    RawStream,
+    hello,
+    peak_rss_growth_under_limit,
+    raw_channel,
+    reset_peak,
+    rss_mb,
+    start_cloud,
+)
+from wire_strategies import adapter_scripts, edge_scripts
 
 from common.config import TrainConfig
 from common.model_files import fingerprint
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from common.wire import codecs
+from common.wire.adapter import AdapterLayout
 
 H, L = 32, 2  # the tiny llama's hidden size and layers
 TARGETS = ["self_attn.q_proj", "self_attn.v_proj"]
-RSS_LIMIT_MB = 50
-
-
-@contextmanager
-def peak_rss_growth_under_limit() -> Iterator[None]:
-    """The block's peak RSS growth in this process (the in-process cloud's), printed and held under RSS_LIMIT_MB."""
-    gc.collect()
-    reset_peak()
-    before = rss_mb()
-    yield
-    grown = rss_mb(peak=True) - before
-    print(f"\npeak RSS +{grown:.1f} MB")
-    assert grown < RSS_LIMIT_MB
+LAYOUT = AdapterLayout(L, 4, ((H, H), (H, H // 2)))  # rank 4 on q (32 -> 32) and v (32 -> 16: 2 key-value heads of 8)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +78,20 @@ def fuzz_cloud(tiny_dir, tmp_path_factory: pytest.TempPathFactory):
     redis.shutdown()
 
 
-def _run(channel: grpc.Channel, script: list[bytes]) -> Ending:
+def _run(channel: grpc.Channel, script: list[bytes], settle: bool = False) -> Ending:
+    """Send the script on a new stream and half-close; with `settle`, only once a StepDone or StepError has
+    come back or the call has ended (a half-close abandons a running micro-batch and its answers)."""
     stream = RawStream(channel, timeout_s=30)
     for raw in script:
         stream.send(raw)
-    return stream.finish()
+    early: list[pb.CloudMessage] = []
+    try:
+        while settle and (not early or early[-1].WhichOneof("kind") not in ("step_done", "step_error")):
+            early.append(stream.recv())
+    except (StopIteration, grpc.RpcError):
+        pass  # the call ended; finish() reads how
+    end = stream.finish()
+    return Ending(early + end.replies, end.code, end.details, end.seconds)
 
 
 def _check(end: Ending) -> None:
@@ -96,14 +104,14 @@ def _check(end: Ending) -> None:
             assert "\n" not in reply.step_error.message
 
 
-def _train_a_step(model_dir: Path, address: str, data_file: Path, out: Path) -> float:
+def _train_a_step(model_dir: Path, address: str, data_file: Path, out: Path, protocol: str = "layerwise") -> float:
     """A real training step through the cloud (SplitEngine): its loss, after checking LoRA got gradients."""
     from edge_client.remote.split_engine import SplitEngine
     from edge_client.train.data import collate, load_examples
     from edge_client.train.kill_revive import layer_roles
 
     engine = SplitEngine(TrainConfig(model=model_dir, data=data_file, output=out, cloud=address, progress=False,
-                                     reply_timeout_s=30))
+                                     reply_timeout_s=30, protocol=protocol))
     examples = load_examples(data_file, engine.tokenizer, 32)
     loss, _ = engine.train_step(collate(examples[:4], engine.tokenizer.pad_token_id), 0,
                                 layer_roles(set(range(L)), L, "detached"))
@@ -113,37 +121,44 @@ def _train_a_step(model_dir: Path, address: str, data_file: Path, out: Path) -> 
     return loss
 
 
-def _healthy(model_dir: Path, address: str, data_file: Path, out: Path) -> None:
+def _healthy(model_dir: Path, address: str, data_file: Path, out: Path, protocol: str = "layerwise") -> None:
     with grpc.insecure_channel(address) as channel:
         assert pb_grpc.SplitTrainingStub(channel).Health(pb.HealthRequest(), timeout=5).status == "SERVING"
-    _train_a_step(model_dir, address, data_file, out)
+    _train_a_step(model_dir, address, data_file, out, protocol)
 
 
-def _fuzz(child_cloud, data_file: Path, out: Path, profile: str) -> None:
+def _fuzz(child_cloud, data_file: Path, out: Path, profile: str, protocol: str = "layerwise") -> Counter[str]:
+    """Hypothesis scripts of the protocol's messages (edge_scripts, or adapter_scripts) against the child cloud;
+    the streams' statuses and the StepErrors' codes, counted."""
     model_dir, cloud = child_cloud
     address, pid = cloud.address, cloud.proc.pid
     channel = raw_channel(address)
-    _healthy(model_dir, address, data_file, out)  # warm: what the first step allocates is not growth
+    _healthy(model_dir, address, data_file, out, protocol)  # warm: what the first step allocates is not growth
     reset_peak(pid)
     before = rss_mb(pid)
     codes: Counter[str] = Counter()  # the streams' statuses, and the StepErrors' codes apart
+    scripts = (adapter_scripts(fingerprint(model_dir), TARGETS, H, LAYOUT) if protocol == "adapter"
+               else edge_scripts(fingerprint(model_dir), TARGETS, H, L))
 
     @settings(settings.get_profile(profile))
-    @given(script=edge_scripts(fingerprint(model_dir), TARGETS, H, L))
-    def one(script: list[bytes]) -> None:
-        end = _run(channel, script)
+    @given(script=scripts)
+    def one(script: list[bytes] | tuple[list[bytes], bool]) -> None:
+        end = _run(channel, *script) if isinstance(script, tuple) else _run(channel, script)
         _check(end)
         codes[end.code.name] += 1
         codes.update(f"StepError {r.step_error.code}" for r in end.replies if r.WhichOneof("kind") == "step_error")
+        codes.update("LoraGrads" for r in end.replies if r.WhichOneof("kind") == "lora_grads")
 
     one()
     grown = rss_mb(pid, peak=True) - before
     streams = sum(codes[c] for c in ("OK", *REFUSALS))
-    print(f"\nfuzz ({profile}): {streams} streams; {dict(codes)}; cloud RSS {before:.0f} MB, peak +{grown:.1f} MB")
+    print(f"\nfuzz {protocol} ({profile}): {streams} streams; {dict(codes)}; cloud RSS {before:.0f} MB, "
+          f"peak +{grown:.1f} MB")
     assert streams >= settings.get_profile(profile).max_examples
     assert grown < RSS_LIMIT_MB
-    _healthy(model_dir, address, data_file, out)
+    _healthy(model_dir, address, data_file, out, protocol)
     channel.close()
+    return codes
 
 
 def test_malformed_edge_messages_get_only_precise_refusals(child_cloud, data_file, tmp_path):
@@ -157,6 +172,22 @@ def test_malformed_edge_messages_get_only_precise_refusals(child_cloud, data_fil
 def test_malformed_edge_messages_get_only_precise_refusals_long(child_cloud, data_file, tmp_path):
     """The same with 3000 scripts (profile fuzz-slow)."""
     _fuzz(child_cloud, data_file, tmp_path, "fuzz-slow")
+
+
+def test_malformed_adapter_messages_get_only_precise_refusals(child_cloud, data_file, tmp_path):
+    """300 Hypothesis scripts of the adapter protocol (wire_strategies.adapter_scripts: Hellos with any LoRA
+    setting, StepWeights with garbage module numbers, counts, codecs and bytes, a correct step's exchange with
+    one message replaced, dropped, repeated, added or mutated): the same precise refusals, the same memory
+    bound; afterwards an adapter-protocol step trains. Some scripts must get past every check (a LoraGrads
+    comes back), so the fuzzing reaches the step and not only the first check."""
+    codes = _fuzz(child_cloud, data_file, tmp_path, "fuzz", "adapter")
+    assert codes["LoraGrads"] > 0 and codes["StepError INVALID_ARGUMENT"] > 0, codes
+
+
+@pytest.mark.slow
+def test_malformed_adapter_messages_get_only_precise_refusals_long(child_cloud, data_file, tmp_path):
+    """The same with 3000 scripts (profile fuzz-slow)."""
+    _fuzz(child_cloud, data_file, tmp_path, "fuzz-slow", "adapter")
 
 
 def _session(channel: grpc.Channel, model_dir: Path, **over: object) -> RawStream:
