@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ProtocolError
+from common.errors import ProtocolError, SessionError, SilenceError
 from common.lora_math import dropout_key, lora_delta
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
@@ -57,15 +57,18 @@ class LoraSpec:
 class WeightCache:
     """The modules' weights this stream's edge has sent, on the stack's device (float32)."""
 
-    def __init__(self, spec: LoraSpec, device: torch.device) -> None:
-        self.spec, self.device = spec, device
+    def __init__(self, spec: LoraSpec, device: torch.device, wait_s: float = 600.0) -> None:
+        """wait_s: how long a layer waits for weights still to come (--step-timeout)."""
+        self.spec, self.device, self.wait_s = spec, device, wait_s
         self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, frame: Frame, max_micro_batches: int) -> AdapterStep:
-        """Check a StepWeights, add its weights, and return the step it opens. On any error nothing changes.
+    def update(self, frame: Frame, max_micro_batches: int, open_step: AdapterStep | None = None) -> AdapterStep:
+        """Check a StepWeights and add its weights: to `open_step` when it continues that step (its `more` said
+        more would follow), else to a new step. Returns the step. On any error nothing changes.
 
         Raises:
-            ProtocolError: bad module numbers, micro-batch count, codec, shape or values.
+            ProtocolError: bad module numbers, micro-batch count, codec, shape or values; a continuation that
+                differs from its step's first message; trained modules whose weights the last one leaves out.
         """
         msg: pb.StepWeights = frame.body
         layout = self.spec.layout
@@ -77,6 +80,14 @@ class WeightCache:
         trained = layout.check_modules(msg.trained, f"{where}.trained")
         if trained and not msg.train:
             raise ProtocolError(f"{where}: names trained modules in a step that does not train")
+        step = open_step if open_step is not None and open_step.more and open_step.step == msg.step else None
+        if step is not None and (msg.micro_batches, msg.train, trained) != (step.micro_batches, step.train, step.trained):
+            raise ProtocolError(f"{where}: continues the step with other micro_batches, train or trained than it began")
+        layers = {layout.layer_of(m) for m in modules}
+        if (msg.more or step is not None) and (len(layers) > 1 or (step is not None and layers
+                                                                   and min(layers) <= step.through)):
+            raise ProtocolError(f"{where}: a step's weights sent layer by layer go one layer per message, "
+                                "layers ascending")
         # the byte length is checked against the module count before anything is allocated
         flat = codecs.decode(msg.weights, f"{where}.weights", (layout.total_numel(modules),), self.spec.codec,
                              torch.float32, frame.payloads.get("weights"), self.device)
@@ -84,19 +95,31 @@ class WeightCache:
         # copies: a view would keep the whole received message alive while any one of its modules is held
         new.update((m, (a.clone(), b.clone())) for m, (a, b) in zip(modules, layout.unpack(flat, modules)))
         missing = [m for m in trained if m not in new]
-        if missing:
+        if missing and not msg.more:
             raise ProtocolError(f"{where}: asks for the gradient of module {missing[0]}, whose weights it never sent")
         self.weights = new
-        return AdapterStep(self.spec, msg.step, msg.micro_batches, msg.train, trained, new)
+        through = max(layers) if layers else (step.through if step is not None else -1)
+        if step is None:
+            return AdapterStep(self.spec, msg.step, msg.micro_batches, msg.train, trained, new, msg.more, self.device,
+                               self.wait_s, through)
+        step.add(new, msg.more, through)
+        return step
 
 
 class AdapterStep:
-    """One optimizer step of an adapter session: its weights, its trained modules, its micro-batches' gradients."""
+    """One optimizer step of an adapter session: its weights (which may still be arriving, layer by layer),
+    its trained modules, its micro-batches' gradients."""
 
     def __init__(self, spec: LoraSpec, step: int, micro_batches: int, train: bool, trained: list[int],
-                 weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 weights: dict[int, tuple[torch.Tensor, torch.Tensor]], more: bool = False,
+                 device: torch.device | str = "cpu", wait_s: float = 600.0, through: int = -1) -> None:
         self.spec, self.step, self.micro_batches, self.train = spec, step, micro_batches, train
-        self.trained, self.weights = trained, weights
+        self.device = torch.device(device)
+        self.trained, self.weights, self.more = trained, weights, more
+        # while more come: the highest layer whose weights are in (layers ascending, so every layer up to it is
+        # as the step needs it; the stream's cache may still hold the last step's values of the layers above)
+        self.through = through
+        self.wait_s = wait_s  # longest wait for a layer's weights still to come (the cloud's --step-timeout)
         self.started: set[int] = set()  # micro-batches begun
         layout = spec.layout
         self._parts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> micro-batch -> dA, dB
@@ -105,6 +128,40 @@ class AdapterStep:
         for m in trained:
             self._due.setdefault(layout.layer_of(m), set()).add(m)
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # more weights came, or none will
+        self._ended = False  # the stream ended: nothing will answer a StepError
+
+    def add(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]], more: bool, through: int) -> None:
+        """A continuation's weights (all the stream holds now), up to layer `through`; `more`: others to come."""
+        with self._arrived:
+            self.weights, self.more, self.through = weights, more, through
+            self._arrived.notify_all()
+
+    def abandon(self, stream_ended: bool = False) -> None:
+        """No more weights will come (a continuation was refused, or the stream ended): waiting layers give up."""
+        with self._arrived:
+            self.more = False
+            self._ended = self._ended or stream_ended
+            self._arrived.notify_all()
+
+    def weight(self, module: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A module's (A, B), waiting while the step's weights are still arriving.
+
+        Raises:
+            ProtocolError: the step's last StepWeights came without it.
+            SilenceError: it did not come within wait_s.
+            SessionError: the stream ended while it waited.
+        """
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: layer <= self.through or not self.more, self.wait_s):
+                raise SilenceError(f"step {self.step}: the weights of layer {layer} did not come for {self.wait_s:g}s "
+                                   "(--step-timeout)")
+            if self._ended:
+                raise SessionError(f"step {self.step}: the stream ended while layer {layer} waited for its weights")
+            if module not in self.weights:
+                raise ProtocolError(f"step {self.step}: layer {layer} is present but the weights of its "
+                                    f"{self.spec.paths[module % self.spec.layout.per_layer]} were never sent")
+            return self.weights[module]
 
     def begin(self, begin: pb.StepBegin, send: Callable[[Frame], None]) -> CloudLora:
         """The LoRA of one micro-batch of this step, after checking its StepBegin against the step; `send`
@@ -122,7 +179,7 @@ class AdapterStep:
         if begin.train != self.train:
             raise ProtocolError(f"{where}: train={begin.train}, its StepWeights said train={self.train}")
         layout, roles = self.spec.layout, list(begin.layer_roles)
-        for layer, role in enumerate(roles):
+        for layer, role in enumerate(roles if not self.more else ()):  # while weights still come, each layer waits
             if role == pb.ABSENT:
                 continue
             for t in range(layout.per_layer):
@@ -184,17 +241,23 @@ class CloudLora:
         self.step, self.micro_batch, self.roles, self.send = step, micro_batch, roles, send
         spec = step.spec
         self._index = {p: t for t, p in enumerate(spec.paths)}
-        trained = set(step.trained)
-        # trained modules get leaves of this micro-batch only (views, no copy); the rest are constants
-        self._params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
-            m: tuple(w.detach().requires_grad_(m in trained) for w in ab)  # type: ignore[misc]
-            for m, ab in step.weights.items()
-        }
+        self._trained = set(step.trained)
+        self._params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, B), as first used
         self._got: dict[int, list[torch.Tensor | None]] = {m: [None, None] for m in step.trained}
         self._given: set[int] = set()  # trained modules whose gradients this micro-batch has handed over
-        for m in step.trained:
-            for i, leaf in enumerate(self._params[m]):
-                leaf.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, m, i))
+
+    def _module(self, module: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A module's (A, B) for this micro-batch, made on first use (its weights may still be on their way):
+        a trained module's are leaves of this micro-batch only (views, no copy), with the hook that hands their
+        gradients over; the others are constants."""
+        if module not in self._params:
+            trained = module in self._trained
+            pair = tuple(w.detach().requires_grad_(trained) for w in self.step.weight(module, layer))
+            if trained:
+                for i, leaf in enumerate(pair):
+                    leaf.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, module, i))
+            self._params[module] = pair  # type: ignore[assignment]
+        return self._params[module]
 
     def _grad_ready(self, module: int, i: int, leaf: torch.Tensor) -> None:
         got = self._got[module]
@@ -212,12 +275,14 @@ class CloudLora:
 
     def finish(self) -> None:
         """After this micro-batch's backward: a trained module the backward did not reach gives zeros."""
+        layout = self.step.spec.layout
         for m in self.step.trained:
             if m not in self._given:
-                a, b = self._params[m]
+                fin, fout = layout.shapes[m % layout.per_layer]
                 got = self._got[m]
-                self._deposit(m, got[0] if got[0] is not None else torch.zeros_like(a),
-                              got[1] if got[1] is not None else torch.zeros_like(b))
+                zeros = functools.partial(torch.zeros, device=self.step.device)
+                self._deposit(m, got[0] if got[0] is not None else zeros(layout.rank, fin),
+                              got[1] if got[1] is not None else zeros(fout, layout.rank))
 
     def delta(self, layer: int, path: str, x: torch.Tensor) -> torch.Tensor | None:
         """s * B(A(dropout(x))) of target `path` in `layer` (None where the layer is ABSENT), as PEFT computes
@@ -227,7 +292,7 @@ class CloudLora:
         if role == pb.ABSENT or t is None:
             return None
         spec = self.step.spec
-        a, b = self._params[spec.layout.module(layer, t)]
+        a, b = self._module(spec.layout.module(layer, t), layer)
         key = dropout_key(spec.seed, self.step.step, self.micro_batch, layer, t) if self.step.train else None
         xs = x if role == pb.FORWARD_BACKWARD and self.step.train else x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and role == pb.FORWARD_BACKWARD):

@@ -182,7 +182,7 @@ class _Dispatcher:
         self.lock = threading.Lock()  # guards `running` and `failures`: micro-batches end on pool threads
         self.failures: list[BaseException] = []  # errors of micro-batches that end the session
         # adapter protocol: this stream's weights, and the step the last StepWeights opened
-        self.cache = WeightCache(spec.lora, stack.device) if spec.lora is not None else None
+        self.cache = WeightCache(spec.lora, stack.device, limits.step_timeout_s) if spec.lora is not None else None
         self.adapter_step: AdapterStep | None = None
         self.handlers: dict[str, Callable[[Frame], None]] = {
             "step_begin": self._start_step,
@@ -223,7 +223,9 @@ class _Dispatcher:
             raise self.failures[0]
 
     def close(self) -> None:
-        """Tell every running micro-batch that the stream has ended."""
+        """Tell every running micro-batch that the stream has ended (one waiting for weights stops waiting)."""
+        if self.adapter_step is not None:
+            self.adapter_step.abandon(stream_ended=True)
         with self.lock:
             for run in self.running.values():
                 run.inbox.put(None)
@@ -274,12 +276,17 @@ class _Dispatcher:
         try:
             if self.cache is None:
                 raise ProtocolError("StepWeights in a layerwise session; open it with step_protocol ADAPTER")
+            step = self.adapter_step
+            continues = step is not None and step.more and step.step == body.step  # the next layers' weights
             with self.lock:
-                if self.running:
+                if self.running and not continues:
                     raise ProtocolError(f"StepWeights of step {body.step} while micro-batches are still running")
-            self.adapter_step = None
-            self.adapter_step = self.cache.update(msg, self.limits.max_micro_batches)
+            if not continues:
+                self.adapter_step = None
+            self.adapter_step = self.cache.update(msg, self.limits.max_micro_batches, step if continues else None)
         except ProtocolError as e:
+            if self.adapter_step is not None:  # a refused continuation: layers waiting for it give up
+                self.adapter_step.abandon()
             log.warning("session %s: %s", self.spec.session_id, e)
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(
                 step=body.step, code="INVALID_ARGUMENT", message=str(e))))

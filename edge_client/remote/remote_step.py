@@ -82,7 +82,10 @@ class RemoteStep:
         link = self.link
         up0, down0 = link.bytes_totals()
         adapter = link.protocol == "adapter"
-        trained = self._send_weights(len(parts)) if adapter else []
+        # adapter: the first layer's weights before the first StepBegin, the others right after it
+        weights, trained = self._step_weights(len(parts)) if adapter else ([], [])
+        if weights:
+            link.send(weights.pop(0), self.traffic)
         for mb, part in enumerate(parts):
             self._shapes[mb] = tuple(part.attention_mask.shape)  # type: ignore[assignment]
             msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=self.step, micro_batch=mb, train=self.train,
@@ -92,6 +95,8 @@ class RemoteStep:
                 "embeddings": link.encode_into(begin.embeddings, part.embeddings),
                 "attention_mask": codecs.encode_into(begin.attention_mask, part.attention_mask, "uint8"),  # 0/1
             }), self.traffic)
+            while weights:  # after the first StepBegin: they cross while the cloud runs the first layers
+                link.send(weights.pop(0), self.traffic)
         pending = set(self._shapes)
         grads_due = set(trained)  # adapter: trained modules whose gradients have not come yet
         try:
@@ -126,13 +131,12 @@ class RemoteStep:
             self._saved.clear()
 
     # -- the adapter protocol
-    def _send_weights(self, micro_batches: int) -> list[int]:
-        """Send the step's StepWeights; the modules whose gradients the cloud will return (ascending)."""
+    def _step_weights(self, micro_batches: int) -> tuple[list[Frame], list[int]]:
+        """The step's StepWeights, one per layer with modules the cloud lacks (at least one message), and the
+        modules whose gradients the cloud will return (ascending). Marks what they carry as held by the cloud."""
         holds = self.link.cloud_holds
-        sent: list[int] = []  # modules of the present layers the cloud does not hold as they are now
+        by_layer: dict[int, list[int]] = {}  # modules of the present layers the cloud does not hold as they are now
         trained: list[int] = []
-        pairs: list[torch.nn.Module] = []
-        flat = torch.empty(0)
         if self.lora is not None:
             layout = self.lora.layout()
             for layer, role in enumerate(self.roles):
@@ -140,18 +144,22 @@ class RemoteStep:
                     m = layout.module(layer, t)  # = its index in lora.pairs
                     pair = self.lora.pairs[m]
                     if not _same(holds.get(m), pair):
-                        sent.append(m)
-                        pairs.append(pair)
+                        by_layer.setdefault(layer, []).append(m)
                     if self.train and role == pb.FORWARD_BACKWARD and pair.A.requires_grad:
                         trained.append(m)
-            flat = layout.pack([w for p in pairs for w in (p.A, p.B)])
-        msg = pb.EdgeMessage(step_weights=pb.StepWeights(step=self.step, micro_batches=micro_batches, train=self.train,
-                                                         modules=sent, trained=trained))
-        data = codecs.encode_into(msg.step_weights.weights, flat, self.link.config.weights_wire)
-        for m, p in zip(sent, pairs):
-            holds[m] = (p.A.detach().clone(), p.B.detach().clone())
-        self.link.send(Frame(msg, {"weights": data}), self.traffic)
-        return trained
+        chunks = list(by_layer.values()) or [[]]
+        frames = []
+        for i, modules in enumerate(chunks):
+            pairs = [self.lora.pairs[m] for m in modules]  # type: ignore[union-attr]
+            flat = self.lora.layout().pack([w for p in pairs for w in (p.A, p.B)]) if pairs else torch.empty(0)  # type: ignore[union-attr]
+            msg = pb.EdgeMessage(step_weights=pb.StepWeights(
+                step=self.step, micro_batches=micro_batches, train=self.train, modules=modules, trained=trained,
+                more=i < len(chunks) - 1))
+            frames.append(Frame(msg, {"weights": codecs.encode_into(msg.step_weights.weights, flat,
+                                                                     self.link.config.weights_wire)}))
+            for m, p in zip(modules, pairs):
+                holds[m] = (p.A.detach().clone(), p.B.detach().clone())
+        return frames, trained
 
     def _on_lora_grads(self, frame: Frame, due: set[int]) -> None:
         """One LoraGrads: the summed gradients of some trained modules, each due once; they become .grad."""

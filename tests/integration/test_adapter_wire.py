@@ -75,14 +75,18 @@ def adapter_split(tiny_dir, cloud, data_file, tmp_path, wire: Wire = Wire(), m: 
     return split
 
 
-def record_step_weights(split: SplitEngine) -> list[tuple[list[int], list[int]]]:
-    """(modules, trained) of every StepWeights the link sends from now on (a wrapper around its send)."""
-    seen: list[tuple[list[int], list[int]]] = []
+def record_step_weights(split: SplitEngine) -> dict[int, tuple[list[int], list[int]]]:
+    """Step -> (modules, trained) of the StepWeights the link sends from now on (a wrapper around its send);
+    a step's weights go layer by layer, so its messages' modules are joined in the order they left."""
+    seen: dict[int, tuple[list[int], list[int]]] = {}
     send = split.link.send
 
     def recording_send(frame, traffic: Traffic) -> None:
         if frame.kind == "step_weights":
-            seen.append((list(frame.body.modules), list(frame.body.trained)))
+            body = frame.body
+            modules, trained = seen.setdefault(body.step, ([], list(body.trained)))
+            assert list(body.trained) == trained, "a continuation repeats the step's trained modules"
+            modules.extend(body.modules)
         send(frame, traffic)
 
     split.link.send = recording_send  # type: ignore[method-assign]
@@ -120,8 +124,8 @@ def assert_payload(
     split: SplitEngine, traffic: Traffic, batch: Batch, sent: list[int], trained: list[int], wire: Wire = Wire()
 ) -> None:
     """The step's payload equals adapter_step_cost for these sent and trained modules, and its messages
-    are one StepWeights, one LoraGrads per layer with trained modules (sent as the backward passes it) and
-    one StepBegin, HiddenGrad and Hidden per micro-batch."""
+    are one StepWeights per layer with modules sent (one if none), one LoraGrads per layer with trained
+    modules (sent as the backward passes it) and one StepBegin, HiddenGrad and Hidden per micro-batch."""
     layout, edge = split.adapter.layout(), split.edge
     tokens = [part.input_ids.numel() for part in batch.split(split.micro_batches)]  # N_i, as the engine splits
     w, g = layout.total_numel(sent), layout.total_numel(trained)
@@ -130,7 +134,8 @@ def assert_payload(
     )
     assert (traffic.payload_up, traffic.payload_down) == (want.up, want.down)
     m = len(tokens)
-    per_step = {"up:step_weights": 1, "down:lora_grads": len({layout.layer_of(i) for i in trained})}
+    per_step = {"up:step_weights": max(1, len({layout.layer_of(i) for i in sent})),
+                "down:lora_grads": len({layout.layer_of(i) for i in trained})}
     per_micro_batch = {"up:step_begin": m, "up:hidden_grad": m, "down:hidden": m, "down:step_done": m}
     assert traffic.messages == per_step | per_micro_batch
 
@@ -181,7 +186,7 @@ def test_only_modules_the_cloud_lacks_cross(mode, tiny_dir, cloud, data_file, tm
             assert set(sent) <= set(modules_of(split, present_layers(roles))), "an ABSENT layer's weights crossed"
             assert_payload(split, traffic, batch, sent, trained)
         if mode == "dropped":  # layer 0 was dropped throughout
-            assert not set(modules_of(split, {0})) & {m for sent, _ in seen for m in sent}
+            assert not set(modules_of(split, {0})) & {m for sent, _ in seen.values() for m in sent}
     finally:
         split.close()
 

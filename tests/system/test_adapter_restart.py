@@ -119,7 +119,8 @@ def test_a_cloud_sigkilled_mid_run_restarts_and_the_adapter_is_the_uninterrupted
     after = KILL_AFTER + 1
     assert up["whole"][after] == up["whole"][KILL_AFTER]  # the killed modules are held: only the trained go up
     extra = up["restarted"][after] - up["restarted"][KILL_AFTER]
-    assert KILLED_BYTES <= extra <= KILLED_BYTES + 64, (extra, KILLED_BYTES)  # + their numbers and lengths
+    # + their module numbers and lengths, and a StepWeights header per killed layer (weights go layer by layer)
+    assert KILLED_BYTES <= extra <= KILLED_BYTES + 64 * (KILLED + 1), (extra, KILLED_BYTES)
     print(f"\nstep {after} after the restart: {up['restarted'][after]} bytes up, step {KILL_AFTER}: "
           f"{up['restarted'][KILL_AFTER]} (+{extra}: the {KILLED * 2} killed modules' weights again)")
 

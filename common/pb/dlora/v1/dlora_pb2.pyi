@@ -93,20 +93,22 @@ class Hello(_message.Message):
     def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ..., step_protocol: _Optional[_Union[StepProtocol, str]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., codec_weights: _Optional[_Union[Codec, str]] = ...) -> None: ...
 
 class StepWeights(_message.Message):
-    __slots__ = ("step", "micro_batches", "train", "modules", "weights", "trained")
+    __slots__ = ("step", "micro_batches", "train", "modules", "weights", "trained", "more")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     step: int
     micro_batches: int
     train: bool
     modules: _containers.RepeatedScalarFieldContainer[int]
     weights: Tensor
     trained: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., micro_batches: _Optional[int] = ..., train: _Optional[bool] = ..., modules: _Optional[_Iterable[int]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., trained: _Optional[_Iterable[int]] = ...) -> None: ...
+    more: bool
+    def __init__(self, step: _Optional[int] = ..., micro_batches: _Optional[int] = ..., train: _Optional[bool] = ..., modules: _Optional[_Iterable[int]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., trained: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class StepBegin(_message.Message):
     __slots__ = ("step", "micro_batch", "embeddings", "attention_mask", "train", "layer_roles")
