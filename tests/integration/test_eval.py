@@ -82,3 +82,46 @@ def test_eval_cli_with_data_and_with_tasks(tiny_dir, cloud, tmp_path, capsys):
     assert dlora(["eval", "--cloud", address, "--model", str(model_dir), "--data", str(data), "--int8-block-size", "0",
                   "--no-progress"]) == 2
     assert "--int8-block-size=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_an_adapter_scores_the_same_through_either_protocol(tiny_dir, cloud, tmp_path):
+    """An adapter with non-zero B, applied on the device (layerwise) or on the cloud (adapter): the final hidden
+    states agree to float32 round-off, they differ from the base model's, and `dlora eval --adapter` predicts the
+    same. Not bit for bit: the wire carries x (or the weights) exactly and both sides run the same operations,
+    but in two processes on buffers of other alignment, so BLAS may pick other kernels that sum a dot product
+    in another order: ~1e-7 relative per sum, a few ulps after the layers above (asserted: rtol 1e-5 plus
+    1e-6 of the largest value; a missing or doubled delta moves them by ~1e-1)."""
+    from common.pb.dlora.v1 import dlora_pb2 as pb
+    from edge_client.train.lora import LoraAdapter
+
+    model_dir = tiny_dir("llama")
+    address = cloud(model_dir)
+    edge = EdgeModel(model_dir, ("q_proj", "v_proj"))
+    adapter = LoraAdapter(edge, 4, 8.0, 0.0, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pair in adapter.pairs:
+            pair.B.copy_(0.5 * torch.randn(pair.B.shape, generator=gen))
+    adapter.save(tmp_path / "adapter")
+    ids = torch.tensor([edge.tokenizer("The cat sat on the mat.")["input_ids"]])
+    emb, mask = edge.embed(ids), torch.ones_like(ids)
+    hidden = {}
+    for protocol, lora in (("layerwise", adapter), ("adapter", adapter), ("base", None)):
+        link = CloudLink(LinkConfig(address=address, codec_up="float32", codec_down="float32",
+                                    protocol="adapter" if protocol == "adapter" else "layerwise"), edge, lora=lora)
+        link.open()
+        roles = [pb.FORWARD if lora is not None else pb.ABSENT] * edge.num_layers
+        hidden[protocol] = RemoteStack(link, lora).forward(emb, mask, roles)
+        link.close()
+    torch.testing.assert_close(hidden["adapter"], hidden["layerwise"], rtol=1e-5,
+                               atol=1e-6 * float(hidden["layerwise"].abs().max()))
+    assert not torch.allclose(hidden["adapter"], hidden["base"], atol=1e-3)
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": i.prompt, "choices": i.choices, "answer": i.answer}) for i in ITEMS))
+    results = {}
+    for protocol in ("layerwise", "adapter"):
+        out = tmp_path / f"{protocol}.json"
+        assert dlora(["eval", "--cloud", address, "--model", str(model_dir), "--data", str(data), "--adapter",
+                      str(tmp_path / "adapter"), "--protocol", protocol, "--json", str(out), "--no-progress"]) == 0
+        results[protocol] = json.loads(out.read_text())
+    assert results["adapter"] == results["layerwise"]
