@@ -10,6 +10,7 @@ layer whose weights never come ends the session at --step-timeout. Driven by han
 this process (tests/raw_stream.py), with test_adapter_errors.py's helpers.
 """
 
+# ruff: noqa: F811 - the tests take test_adapter_errors.py's adapter_cloud fixture, imported below, as an argument
 from __future__ import annotations
 
 import time
