@@ -283,6 +283,7 @@ class CloudLora:
                 zeros = functools.partial(torch.zeros, device=self.step.device)
                 self._deposit(m, got[0] if got[0] is not None else zeros(layout.rank, fin),
                               got[1] if got[1] is not None else zeros(fout, layout.rank))
+        self._params.clear()  # the leaves' hooks point back here: break the cycle now, not at the next gc
 
     def delta(self, layer: int, path: str, x: torch.Tensor) -> torch.Tensor | None:
         """s * B(A(dropout(x))) of target `path` in `layer` (None where the layer is ABSENT), as PEFT computes
