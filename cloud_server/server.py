@@ -210,8 +210,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     def _serve(self, stream: EdgeStream, spec: SessionSpec, caller: Caller, context: grpc.ServicerContext,
                slot: Slot) -> None:
         try:
-            run_session(stream, self.stack, spec, self.config, self.kr, self.pool,
-                        before_step=lambda: self.auth.check(caller))
+            def before_step() -> None:  # the token still valid, and this stream still the session's (fence)
+                self.auth.check(caller)
+                self.slots.check(slot)
+
+            run_session(stream, self.stack, spec, self.config, self.kr, self.pool, before_step=before_step)
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))

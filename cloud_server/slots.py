@@ -7,7 +7,9 @@ Keys (times are Redis's own clock, in ms, so workers' clocks need not agree):
 
 A stream acquires its session's slot after the Hello (`acquire`), every worker renews the leases of its
 streams every lease/3 (`SessionSlots` runs that heartbeat on a thread), and a stream gives its slot back
-when it ends (`release`). A worker that dies stops renewing: its sessions stop counting one lease later.
+when it ends (`release`). The holder entry is the session's fencing token: before every step and
+Kill-and-Revive report a stream checks it still holds its session (`check`), so a stream a newer one
+has replaced, on another worker too, ends (ABORTED) before it runs anything twice. A worker that dies stops renewing: its sessions stop counting one lease later.
 A slot is per session, not per stream: a device that comes back on a new stream with the same token
 takes its session's slot over (the old stream's release is then a no-op), so a reconnect is never
 refused for the slot its own half-open stream still holds. Under --auth none every device is owner ""
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
-from common.errors import LimitError, UnavailableError
+from common.errors import LimitError, SupersededError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,18 @@ return 1
 """
 
 
+# KEYS: holders; ARGV: session id, owner, nonce. The fence a stream passes before each step and each
+# Kill-and-Revive report: 1 while it holds its session (taking it back if the holder entry is gone, e.g.
+# after a Redis restart), 0 once a newer stream, on any worker, holds it.
+_FENCE = """
+local me = ARGV[2] .. '\t' .. ARGV[3]
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if holder and holder ~= me then return 0 end
+if not holder then redis.call('HSET', KEYS[1], ARGV[1], me) end
+return 1
+"""
+
+
 def owner_key(owner: str) -> str:
     return f"dlora:live:owner:{owner}"
 
@@ -113,7 +127,8 @@ class SessionSlots:
     def __init__(self, client: redis.Redis, max_sessions: int, max_per_owner: int, lease_s: float = LEASE_S) -> None:
         self.r, self.max_sessions, self.max_per_owner = client, max_sessions, max_per_owner
         self.lease_ms = max(1, int(lease_s * 1000))
-        self._acquire, self._renew, self._release = (client.register_script(s) for s in (_ACQUIRE, _RENEW, _RELEASE))
+        self._acquire, self._renew, self._release, self._fence = (client.register_script(s) for s in
+                                                                  (_ACQUIRE, _RENEW, _RELEASE, _FENCE))
         self._held: set[Slot] = set()  # this worker's streams, renewed by the heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -155,6 +170,23 @@ class SessionSlots:
         except redis.RedisError as e:
             log.warning("session %s: could not free its slot in Redis (%s); it expires within %.0fs",
                         slot.session_id, e, self.lease_ms / 1000)
+
+    def check(self, slot: Slot) -> None:
+        """The fence: pass only while this stream holds its session, so that of two streams of one session, on
+        one worker or two, only the newer runs steps and Kill-and-Revive reports (one Redis call).
+
+        Raises:
+            SupersededError: a newer stream holds the session (ABORTED).
+            UnavailableError: Redis failed.
+        """
+        try:
+            held = int(self._fence(keys=[HOLDERS], args=[slot.session_id, slot.owner, slot.nonce]))
+        except redis.RedisError as e:
+            raise UnavailableError(f"the cloud's Redis failed checking session {slot.session_id} ({type(e).__name__}); "
+                                   "retry") from e
+        if not held:
+            raise SupersededError(f"session {slot.session_id} continues on a newer stream (this worker or another); "
+                                  "this one ends")
 
     def live(self, owner: str | None = None) -> int:
         """Live sessions on all workers (of one token when owner is given), expired leases not counted.
