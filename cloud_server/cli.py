@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     add_client_flags(h)
     tls_init.add_parser(sub)
     add_token_command(sub)
+    st = sub.add_parser("status", help="the workers on this cloud's Redis, their sessions and last heartbeat")
+    st.add_argument("--state-dir", type=Path, default=None,
+                    help="the --state-dir of a `dlora-cloud serve` whose embedded Redis to read "
+                         f"(default {_home(_default('state_dir'))})")
+    st.add_argument("--redis-url", default=None, help="the --redis-url the workers share (no password in a flag)")
+    st.add_argument("--redis-url-file", type=Path, default=None, metavar="FILE",
+                    help="read that Redis URL from FILE (or set $DLORA_REDIS_URL)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -172,6 +180,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """`dlora-cloud status`: the registered workers and their sessions, from Redis.
+
+    Raises:
+        ConfigError: the Redis cannot be reached.
+    """
+    import dataclasses
+    import json
+
+    import redis
+
+    from cloud_server.redis_server import admin_client
+    from cloud_server.workers import list_workers, render
+
+    client = admin_client(args.redis_url, args.state_dir or _default("state_dir"))
+    try:
+        workers = list_workers(client)
+    except redis.RedisError as e:
+        raise ConfigError(f"reading the workers from Redis failed ({type(e).__name__}); retry") from None
+    print(json.dumps([dataclasses.asdict(w) for w in workers], indent=1) if args.json else render(workers), end="\n"
+          if args.json else "")
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     from common.pb.dlora.v1 import dlora_pb2 as pb
     from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
@@ -203,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_token(args)
         if args.command == "tls":
             return tls_init.run(args)
+        if args.command == "status":
+            return _status(args)
         return _serve(args) if args.command == "serve" else _health(args)
     except DloraError as e:
         print(f"dlora-cloud: error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from cloud_server.slots import Gate, SessionSlots, Slot
 from cloud_server.stack import DecoderStack
 from cloud_server.stream import EdgeStream
 from cloud_server.tokens import Caller, DeviceAuth, TokenStore, auth_mode
+from cloud_server.workers import WorkerRegistry
 from common.config import ServeConfig
 from common.errors import (
     AccessError,
@@ -91,6 +92,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self.streams = Gate(STREAMS_PER_SESSION * config.max_sessions)  # and after it, in this process
         self._lock = threading.Lock()
         self._live: dict[str, EdgeStream] = {}  # session id -> its one live stream in this process
+
+    def live_sessions(self) -> list[str]:
+        """The ids of the sessions this process serves now (the worker registry's load)."""
+        with self._lock:
+            return list(self._live)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         with self._lock:
@@ -284,8 +290,14 @@ class CloudServer:
         log.info("transport: %s", describe_transport(config))
         self.worker.start()
         self.server.start()
+        host = socket.gethostname() if config.host in ("0.0.0.0", "::", "") else config.host
+        self.registry = WorkerRegistry(self.redis, f"{host}:{self.port}", stack.config.model_type, stack.fingerprint,
+                                       self.servicer.live_sessions)
+        log.info("registered as worker %s (dlora-cloud status lists the workers on this Redis)",
+                 self.registry.worker_id)
 
     def stop(self, grace: float | None = None) -> None:
+        self.registry.stop()
         self.worker.stop_event.set()
         self.server.stop(grace).wait()
         self.servicer.slots.stop()
