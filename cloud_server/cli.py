@@ -59,6 +59,9 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--keepalive", type=float, default=None,
                    help="seconds between HTTP/2 pings to each device; one that does not answer within as long is "
                         f"dropped (default {_default('keepalive_s'):g})")
+    s.add_argument("--drain-timeout", type=float, default=None,
+                   help="on SIGTERM or SIGINT: seconds to let live sessions finish their step in flight and move to "
+                        f"another worker before stopping; a second signal stops at once (default {_default('drain_timeout_s'):g})")
     s.add_argument("--step-timeout", type=float, default=None,
                    help=f"seconds to wait for one edge reply before closing its session (default {_default('step_timeout_s'):g})")
     s.add_argument("--max-message-mb", type=int, default=None,
@@ -171,12 +174,18 @@ def _serve(args: argparse.Namespace) -> int:
     stack = DecoderStack(config.model, config.device, config.dtype)
     server = CloudServer(stack, config)
     print(f"listening on {config.host}:{server.port}", flush=True)
-    stop = threading.Event()
+    stop, now = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:  # the first: drain; a second: stop at once
+        (now if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
-    log.info("shutting down")
-    server.stop(grace=5)
+    log.info("draining: no new sessions; live ones end after their step in flight (at most %gs; a second signal "
+             "stops at once)", config.drain_timeout_s)
+    left = server.drain(config.drain_timeout_s, abort=now)
+    log.info("stopped%s", f"; {left} session stream(s) were still open" if left else "")
     return 0
 
 

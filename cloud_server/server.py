@@ -8,13 +8,14 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 
 from cloud_server.kr_queue import KRQueue, SchedulerWorker, SessionStore, connect, disconnect
-from cloud_server.session import SessionSpec, compute_pool, open_spec, run_session
+from cloud_server.session import SessionSpec, Wake, compute_pool, open_spec, run_session
 from cloud_server.slots import Gate, SessionSlots, Slot
 from cloud_server.stack import DecoderStack
 from cloud_server.stream import EdgeStream
@@ -92,6 +93,14 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self.streams = Gate(STREAMS_PER_SESSION * config.max_sessions)  # and after it, in this process
         self._lock = threading.Lock()
         self._live: dict[str, EdgeStream] = {}  # session id -> its one live stream in this process
+        self.draining = threading.Event()  # set by CloudServer.drain: no new streams, live ones end between steps
+
+    def wake_all(self) -> None:
+        """Make every live stream's session loop look at its state again (draining has begun)."""
+        with self._lock:
+            streams = list(self._live.values())
+        for stream in streams:
+            stream.interrupt(Wake())
 
     def live_sessions(self) -> list[str]:
         """The ids of the sessions this process serves now (the worker registry's load)."""
@@ -102,7 +111,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         with self._lock:
             n = len(self._live)
         return pb.HealthReply(
-            status="SERVING", model_type=self.stack.config.model_type,
+            status="DRAINING" if self.draining.is_set() else "SERVING", model_type=self.stack.config.model_type,
             model_fingerprint=self.stack.fingerprint, open_sessions=n,
         )
 
@@ -112,6 +121,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         except DloraError as e:
             log.warning("session refused (%s): %s", getattr(context, "peer", lambda: "?")(), e)
             context.abort(status_of(e), str(e))
+        if self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this worker is shutting down; reconnect (a balancer sends "
+                          "you to another worker)")
         if not self.waiting.enter():  # each holds a gRPC thread until its Hello: bounded
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams are waiting to say Hello on this "
                           "cloud; retry later")
@@ -220,7 +232,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
                 self.auth.check(caller)
                 self.slots.check(slot)
 
-            run_session(stream, self.stack, spec, self.config, self.kr, self.pool, before_step=before_step)
+            run_session(stream, self.stack, spec, self.config, self.kr, self.pool, before_step=before_step,
+                        draining=self.draining.is_set)
         except DloraError as e:
             log.warning("session %s ended: %s", spec.session_id, e)
             context.set_code(status_of(e))
@@ -295,6 +308,21 @@ class CloudServer:
                                        self.servicer.live_sessions)
         log.info("registered as worker %s (dlora-cloud status lists the workers on this Redis)",
                  self.registry.worker_id)
+
+    def drain(self, timeout_s: float, abort: threading.Event | None = None) -> int:
+        """Shut down gracefully: Health says DRAINING (a balancer's readiness check fails), the registration goes,
+        new streams are refused (UNAVAILABLE), and each live stream ends at its next step boundary, after the step
+        in flight, so its device continues the session elsewhere; then stop. `abort` set: stop at once. Returns
+        the streams still open when it stopped (the stop ends them)."""
+        self.servicer.draining.set()
+        self.registry.stop()
+        self.servicer.wake_all()  # streams idle between steps end now; the others after their step
+        deadline = time.monotonic() + timeout_s
+        while self.servicer.live_sessions() and time.monotonic() < deadline and not (abort and abort.is_set()):
+            time.sleep(0.1)
+        left = len(self.servicer.live_sessions())
+        self.stop(grace=1)
+        return left
 
     def stop(self, grace: float | None = None) -> None:
         self.registry.stop()

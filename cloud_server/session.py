@@ -25,7 +25,7 @@ from cloud_server.stack import DecoderStack
 from cloud_server.step import StepRun
 from cloud_server.stream import EdgeStream
 from common.config import STEP_PROTOCOLS, WEIGHT_CODECS, ServeConfig
-from common.errors import ProtocolError, SessionError
+from common.errors import DrainingError, ProtocolError, SessionError
 from common.families import target_groups
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import KRConfig, KRState
@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 STEP_REPLIES = ("lora_delta", "hidden_grad", "lora_grad")  # the edge's answers inside a running micro-batch
 
 
-class _Wake(Exception):
-    """Put on a stream's inbox when its last running micro-batch ends: the session loop's wait starts over."""
+class Wake(Exception):
+    """Put on a stream's inbox when its last running micro-batch ends, or when the worker starts draining: the
+    session loop's wait starts over (or, draining with nothing running, the stream ends)."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,11 @@ class _Dispatcher:
         with self.lock:
             self.quiet_since = time.monotonic()
 
+    def idle(self) -> bool:
+        """No micro-batch of this session runs: the next step-starting message begins a new step."""
+        with self.lock:
+            return not self.running
+
     def raise_failure(self) -> None:
         """Re-raise the first error that ended a micro-batch and must end the session."""
         if self.failures:
@@ -301,7 +307,7 @@ class _Dispatcher:
             if quiet:
                 self.quiet_since = time.monotonic()
         if quiet:  # the loop may be waiting --step-timeout: it waits --idle-timeout from now instead
-            self.stream.interrupt(_Wake())
+            self.stream.interrupt(Wake())
 
     def _deliver(self, msg: Frame) -> None:
         """Hand an edge reply to the micro-batch it names (ignored, with a warning, if none runs)."""
@@ -327,7 +333,8 @@ class _Dispatcher:
 
 
 def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limits: ServeConfig, kr: KRQueue,
-                pool: ThreadPoolExecutor, before_step: Callable[[], None] | None = None) -> None:
+                pool: ThreadPoolExecutor, before_step: Callable[[], None] | None = None,
+                draining: Callable[[], bool] = lambda: False) -> None:
     """Serve micro-batches (concurrently, on `pool`'s threads) and epoch reports until the edge closes the stream.
 
     Bad input abandons one micro-batch (or report), not the session. `before_step` runs before every
@@ -336,6 +343,8 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
 
     `limits` is the serve config: --max-tokens and --max-micro-batches refuse a micro-batch (RESOURCE_EXHAUSTED
     in its StepError), --idle-timeout ends a stream silent between steps, --step-timeout one silent in a step.
+    Once `draining()` says so, the stream ends (UNAVAILABLE) at its next step boundary: a new step's first
+    message, or an epoch report, while none of its micro-batches runs; the device redoes that step elsewhere.
 
     Raises:
         SilenceError: the edge went silent (DEADLINE_EXCEEDED).
@@ -346,15 +355,22 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
         while True:
             try:
                 msg = stream.recv(*session.patience())
-            except _Wake:
+            except Wake:
                 session.raise_failure()  # a micro-batch's error that ends the session ends it now
+                if draining() and session.idle():  # the step in flight is done: end here, not at the next one
+                    raise DrainingError(f"this worker is shutting down; reconnect to continue session "
+                                        f"{spec.session_id} (on another worker behind the same address)") from None
                 continue
             if msg is None:
                 break
             session.heard()
             session.raise_failure()
-            if before_step is not None and msg.kind in ("step_weights", "step_begin", "epoch_report"):
-                before_step()
+            if msg.kind in ("step_weights", "step_begin", "epoch_report"):
+                if draining() and session.idle():
+                    raise DrainingError(f"this worker is shutting down; reconnect to continue session "
+                                        f"{spec.session_id} (on another worker behind the same address)")
+                if before_step is not None:
+                    before_step()
             session.dispatch(msg)
         session.raise_failure()
     finally:

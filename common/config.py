@@ -59,6 +59,7 @@ class ServeConfig(_Frozen):
     dtype: Dtype = "float32"  # compute dtype of the frozen stack
     max_sessions: int = Field(16, ge=1)  # live sessions on all workers sharing the Redis (cloud_server/slots.py)
     step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
+    drain_timeout_s: float = Field(60.0, ge=0)  # on SIGTERM: how long live sessions get to finish their step
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)  # gRPC send/receive limit, set on both ends
     max_tokens: int = Field(1 << 16, ge=1)  # B*T a session may have in flight (a step's micro-batches together);
     # 16x a default batch (16 x 256), and what bounds a session's activations on the cloud

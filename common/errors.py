@@ -51,6 +51,10 @@ class UnavailableError(DloraError):
     """A service the cloud relies on (its Redis) failed or cannot be reached; the same call may succeed later."""
 
 
+class DrainingError(UnavailableError):
+    """This worker is shutting down gracefully: the device reconnects (through a balancer, to another worker)."""
+
+
 class RemoteError(DloraError):
     """The other side answered with an error, or could not be reached.
 
