@@ -228,7 +228,7 @@ def _health(args: argparse.Namespace) -> int:
             print(f"dlora-cloud health: {reason}", file=sys.stderr)
             return 1
     print(f"{reply.status} {reply.model_type} {reply.model_fingerprint} sessions={reply.open_sessions}")
-    return 0
+    return 0 if reply.status == "SERVING" else 1  # DRAINING: a readiness check takes the worker out of rotation
 
 
 def main(argv: list[str] | None = None) -> int:

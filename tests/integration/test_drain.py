@@ -11,6 +11,7 @@ import pytest
 import torch
 from raw_stream import start_cloud
 
+from cloud_server.cli import main as cloud_main
 from common.config import TrainConfig
 from common.errors import RemoteError
 from common.pb.dlora.v1 import dlora_pb2 as pb
@@ -93,6 +94,7 @@ def test_a_draining_worker_says_so_and_refuses_new_streams(tiny_dir, redis_url):
         server.servicer.draining.set()  # as drain() begins; its stop comes later
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             assert pb_grpc.SplitTrainingStub(channel).Health(pb.HealthRequest(), timeout=5).status == "DRAINING"
+        assert cloud_main(["health", "--address", f"127.0.0.1:{server.port}"]) == 1  # out of a balancer's rotation
         with pytest.raises(RemoteError) as e:
             hold.link.open()  # a new stream
         assert e.value.code == "UNAVAILABLE" and "shutting down" in str(e.value)
