@@ -248,3 +248,52 @@ def test_the_locks_hold_what_pyproject_asks_for():
             version = torch["torch"] if name == "torch" else pins.get(name)
             assert version is not None, f"{lock} lacks {name}; run `make locks`"
             assert req.specifier.contains(version, prereleases=True), f"{lock}: {name}=={version} is not {req}"
+
+
+K8S = DEPLOY / "k8s" / "dlora.yaml"
+
+
+def _k8s_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+
+
+def test_the_kubernetes_manifests_are_valid_objects():
+    """Every object validates, strictly (no unknown fields), against Kubernetes' own schemas, offline
+    (kubernetes-validate ships them)."""
+    import kubernetes_validate
+
+    docs = _k8s_docs()
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "StatefulSet", "PodDisruptionBudget"}
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message}")
+
+
+def _k8s_commands() -> list[list[str]]:
+    found = []
+    for doc in _k8s_docs():
+        for c in ((doc.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", []):
+            found.append(c.get("command") or [])
+            found += [c[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe", "startupProbe")
+                      if "exec" in c.get(p, {})]
+    return [c for c in found if c and Path(c[0]).name in PARSERS]
+
+
+@pytest.mark.parametrize("command", _k8s_commands(), ids=lambda c: " ".join(c[:2]))
+def test_every_dlora_command_in_the_manifests_parses(command):
+    try:
+        PARSERS[Path(command[0]).name]().parse_args(command[1:])
+    except SystemExit as e:
+        pytest.fail(f"deploy/k8s/dlora.yaml: `{' '.join(command)}` is not a valid command line ({e})")
+
+
+def test_the_workers_drain_within_their_grace_period_and_use_the_shared_redis():
+    deployment = next(d for d in _k8s_docs() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    serve = PARSERS["dlora-cloud"]().parse_args(pod["containers"][0]["command"][1:])
+    assert serve.drain_timeout < pod["terminationGracePeriodSeconds"]
+    redis_service = next(d for d in _k8s_docs() if d["kind"] == "Service" and "redis" in d["metadata"]["name"])
+    assert serve.redis_url == f"redis://{redis_service['metadata']['name']}:6379/0"
+    assert deployment["spec"]["replicas"] > 1
