@@ -297,3 +297,31 @@ def test_the_workers_drain_within_their_grace_period_and_use_the_shared_redis():
     redis_service = next(d for d in _k8s_docs() if d["kind"] == "Service" and "redis" in d["metadata"]["name"])
     assert serve.redis_url == f"redis://{redis_service['metadata']['name']}:6379/0"
     assert deployment["spec"]["replicas"] > 1
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's own tags (`!reset`, `!override`) as plain values."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": loader.construct_sequence(node)})
+
+
+def test_compose_scale_puts_the_workers_behind_haproxy_with_tls_passed_through():
+    """deploy/compose.scale.yaml: the workers publish nothing, HAProxy publishes the devices' port, in TCP mode
+    (TLS stays end to end), to the compose service `cloud` on 50051, and the workers get longer than their drain
+    to stop; the config is valid to HAProxy itself where it is installed (`make test-slow` installs it)."""
+    import shutil
+    import subprocess
+
+    from common.config import ServeConfig, field_default
+
+    doc = yaml.load((DEPLOY / "compose.scale.yaml").read_text(), Loader=_ComposeLoader)  # noqa: S506 - SafeLoader subclass
+    cloud, balancer = doc["services"]["cloud"], doc["services"]["balancer"]
+    assert cloud["ports"] == {"!reset": []}
+    assert int(cloud["stop_grace_period"].rstrip("s")) > field_default(ServeConfig, "drain_timeout_s")
+    assert _defaults(balancer["ports"][0]) == "50051:50051" and "./haproxy.cfg:" in balancer["volumes"][0]
+    cfg = (DEPLOY / "haproxy.cfg").read_text()
+    assert "mode tcp" in cfg and "cloud:50051" in cfg and "bind :50051" in cfg
+    if shutil.which("haproxy"):
+        done = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
