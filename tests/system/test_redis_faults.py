@@ -196,58 +196,64 @@ def test_embedded_redis_removes_a_stale_socket_and_refuses_an_orphan(tmp_path):
 
 
 @pytest.mark.slow
-def test_redis_sigkilled_and_restarted_under_a_running_cloud(tiny_dir, data_file, tmp_path):
-    """Redis (AOF, appendfsync everysec) is SIGKILLed under a running cloud while a device trains, and kept
-    down until the device's next epoch report has failed with UNAVAILABLE; restarted on its AOF, the
-    session continues (the device retries) and ends with all 4 epochs decided, each exactly once, and the
-    decision the device had before the kill is still in Redis: nothing acknowledged was lost. A process
-    kill loses nothing (the kernel holds what Redis wrote); a host crash could lose ~1 s (module docstring).
+@pytest.mark.parametrize("workers", [1, 2])
+def test_redis_sigkilled_and_restarted_under_a_running_cloud(workers, tiny_dir, data_file, tmp_path):
+    """Redis (AOF, appendfsync everysec) is SIGKILLed under running clouds (one, or two workers sharing it, a
+    device on each) while the devices train, and kept down until each device's next call has failed with
+    UNAVAILABLE; restarted on its AOF, the sessions continue (the devices retry) and end with all 4 epochs
+    decided, each exactly once, and the decisions the devices had before the kill are still in Redis: nothing
+    acknowledged was lost. A process kill loses nothing (the kernel holds what Redis wrote); a host crash
+    could lose ~1 s (module docstring).
     """
     model = tiny_dir("llama", layers=6)
     server = RedisProcess(tmp_path / "redis")
     server.start()
-    cloud = start_serve(["--model", str(model), "--redis-url", server.url, "--claim-idle", "1", "--state-dir",
-                         str(tmp_path / "state")], tmp_path / "cloud.log")
-    out, log_path = tmp_path / "run", tmp_path / "edge.log"
-    edge = None
+    clouds = [start_serve(["--model", str(model), "--redis-url", server.url, "--claim-idle", "1", "--state-dir",
+                           str(tmp_path / f"state-{i}")], tmp_path / f"cloud-{i}.log") for i in range(workers)]
+    outs = [tmp_path / f"run-{i}" for i in range(workers)]
+    logs = [tmp_path / f"edge-{i}.log" for i in range(workers)]
+    edges: list[subprocess.Popen] = []
     try:
-        port = listening(cloud)
-        with open(log_path, "w") as log_file:
-            edge = subprocess.Popen(
-                [sys.executable, "-m", "edge_client.app.cli", "train", "--cloud", f"127.0.0.1:{port}", "--model", str(model),
-                 "--data", str(data_file), "--output", str(out), "--epochs", "4", "--batch-size", "2", "--budget", "3",
-                 "--revive", "1", "--lora-dropout", "0", "--no-progress"],
-                stdout=subprocess.DEVNULL, stderr=log_file, text=True, env=ENV, cwd=ROOT)
+        for cloud, out, log_path in zip(clouds, outs, logs):
+            edges.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_client.app.cli", "train", "--cloud", f"127.0.0.1:{listening(cloud)}",
+                 "--model", str(model), "--data", str(data_file), "--output", str(out), "--epochs", "4",
+                 "--batch-size", "2", "--budget", "3", "--revive", "1", "--lora-dropout", "0", "--no-progress"],
+                stdout=subprocess.DEVNULL, stderr=log_path.open("w"), text=True, env=ENV, cwd=ROOT))
+        for out in outs:
             kr_log = out / "kr_log.jsonl"
-            wait_for(lambda: kr_log.exists() and kr_log.read_text().count("\n") >= 1, 240, "the first epoch's decision")
-            r = server.client()
-            sessions = {f[b"session"] for _, f in r.xrange(REPORTS)}
-            assert len(sessions) == 1
-            sid = sessions.pop().decode()
-            before = r.xrange(commands_key(sid))
-            assert [int(f[b"epoch"]) for _, f in before] == [1]
-            server.kill()
-            took = wait_for(lambda: "Redis is unavailable" in log_path.read_text() and "retrying" in log_path.read_text(),
-                            240, "the device to retry after UNAVAILABLE")  # it retries only UNAVAILABLE, DEADLINE_EXCEEDED
+            wait_for(lambda k=kr_log: k.exists() and k.read_text().count("\n") >= 1, 240, "the first epoch's decision")
+        r = server.client()
+        sessions = sorted({f[b"session"].decode() for _, f in r.xrange(REPORTS)})
+        assert len(sessions) == workers
+        before = {sid: r.xrange(commands_key(sid)) for sid in sessions}
+        assert all(int(entries[0][1][b"epoch"]) == 1 for entries in before.values())
+        server.kill()
+        for log_path in logs:  # each retries only UNAVAILABLE, DEADLINE_EXCEEDED
+            took = wait_for(lambda p=log_path: "Redis is unavailable" in p.read_text() and "retrying" in p.read_text(),
+                            240, "the device to retry after UNAVAILABLE")
             print(f"device saw UNAVAILABLE {took:.1f}s after the Redis kill")
-            server.start()
+        server.start()
+        for edge, log_path in zip(edges, logs):
             assert edge.wait(timeout=240) == 0, log_path.read_text()[-3000:]
         r = server.client()
-        commands = r.xrange(commands_key(sid))
-        assert [int(f[b"epoch"]) for _, f in commands] == [1, 2, 3, 4]  # each decided once
-        assert commands[0] == before[0]
-        decided = [json.loads(line) for line in (out / "kr_log.jsonl").read_text().splitlines()]
-        assert [d["epoch"] for d in decided] == [1, 2, 3, 4]
-        assert [json.loads(f[b"decision"])["next_active"] for _, f in commands] == [d["next_active"] for d in decided]
+        by_session: dict[str, list] = {}
+        for sid in sessions:
+            commands = r.xrange(commands_key(sid))
+            assert [int(f[b"epoch"]) for _, f in commands] == [1, 2, 3, 4]  # each decided once
+            assert commands[:len(before[sid])] == before[sid]
+            by_session[sid] = [json.loads(f[b"decision"])["next_active"] for _, f in commands]
+        for out in outs:
+            decided = [json.loads(line) for line in (out / "kr_log.jsonl").read_text().splitlines()]
+            assert [d["epoch"] for d in decided] == [1, 2, 3, 4]
+            assert [d["next_active"] for d in decided] in by_session.values()
         assert r.xpending(REPORTS, GROUP)["pending"] == 0
         assert r.xlen(DEAD) == 0
     finally:
-        cloud.kill()
-        if edge is not None:
-            edge.kill()
+        for proc in [*clouds, *edges]:
+            proc.kill()
         if server.proc.poll() is None:
             server.kill()
-
 
 
 # -- the scheduler
