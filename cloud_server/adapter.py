@@ -294,6 +294,8 @@ class CloudLora:
             return None
         spec = self.step.spec
         a, b = self._module(spec.layout.module(layer, t), layer)
+        if a.device != x.device:  # a layer placed on another device (--device-map): differentiable copies
+            a, b = a.to(x.device), b.to(x.device)
         key = dropout_key(spec.seed, self.step.step, self.micro_batch, layer, t) if self.step.train else None
         xs = x if role == pb.FORWARD_BACKWARD and self.step.train else x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and role == pb.FORWARD_BACKWARD):

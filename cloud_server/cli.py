@@ -39,6 +39,10 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default=None, choices=DEVICES, help=f"where the stack runs (default {_default('device')})")
     s.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"compute dtype of the frozen stack (default {_default('dtype')})")
+    s.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
+                   help="place the decoder layers over every visible GPU, then the CPU (accelerate's device_map), so a "
+                        "model larger than one GPU still serves; placement, not parallel speed: a step runs the layers "
+                        "one device after another (default: all on --device)")
     s.add_argument("--max-sessions", type=int, default=None,
                    help=f"live sessions on all workers sharing this Redis (default {_default('max_sessions')})")
     s.add_argument("--max-sessions-per-token", type=int, default=None,
@@ -171,7 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     auth_mode(config)  # refuse --auth none off loopback before loading the model (CloudServer checks again)
-    stack = DecoderStack(config.model, config.device, config.dtype)
+    stack = DecoderStack(config.model, config.device, config.dtype, config.device_map)
     server = CloudServer(stack, config)
     print(f"listening on {config.host}:{server.port}", flush=True)
     stop, now = threading.Event(), threading.Event()

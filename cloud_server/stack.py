@@ -64,7 +64,7 @@ class RemoteLoraSlot(nn.Module):
         if step is None:
             return out
         delta = step.delta_for(self.layer, self.group, self.path, x)
-        return out if delta is None else out + delta.to(out.dtype)
+        return out if delta is None else out + delta.to(out.device, out.dtype)
 
 
 class DecoderStack:
@@ -74,28 +74,33 @@ class DecoderStack:
         ConfigError: the folder is unusable, the architecture unsupported, or the device missing.
     """
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", device_map: str | None = None) -> None:
+        """device_map: accelerate's placement of the layers over the visible GPUs, then the CPU (it overrides
+        `device`); `self.device` is then where the first layer runs, and each slot adds its delta where its
+        module runs."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.family: Family = family_of(self.config.model_type)
         tensor_index(self.model_dir)  # fail early, with a clear message, on a folder without weights
-        if device == "cuda" and not torch.cuda.is_available():
+        if device == "cuda" and not torch.cuda.is_available() and device_map is None:
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-        self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         self.fingerprint = fingerprint(self.model_dir)
-        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype)
+        model = AutoModel.from_pretrained(str(self.model_dir), dtype=self.dtype,
+                                          **({"device_map": device_map} if device_map else {}))
         model.set_input_embeddings(None)  # the edge owns the embedding table
         model.requires_grad_(False)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval() if device_map else model.eval().to(device)
         self.layers = self.model.get_submodule(self.family.layers)
+        self.device = next(self.layers[0].parameters()).device  # where the embeddings go in
+        self.placement = sorted({str(p.device) for p in self.model.parameters()})  # for the log
         self.num_layers = len(self.layers)
         self.slots = self._install_slots()
         self.embed_width = self._embed_width()
         self.max_positions = max_positions(self.config)  # None: no known cap on T
         log.info(
             "loaded %s (%d layers, %s, %s) fingerprint %s",
-            self.config.model_type, self.num_layers, dtype, device, self.fingerprint,
+            self.config.model_type, self.num_layers, dtype, ", ".join(self.placement), self.fingerprint,
         )
 
     def _install_slots(self) -> dict[tuple[int, str], RemoteLoraSlot]:

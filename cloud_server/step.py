@@ -215,7 +215,7 @@ class StepRun:
     def remote_forward(self, layer: int, group: int, x: torch.Tensor) -> torch.Tensor:
         """The group's LoRA deltas for x (B, T, H) -> (B, T, O), from the edge."""
         return self._layer_call("lora_forward", "x", "lora_delta", "delta", layer, group, x,
-                                self.spec.group_widths[group], self.stack.dtype, self.stack.device)
+                                self.spec.group_widths[group], self.stack.dtype, x.device)
 
     def remote_backward(self, layer: int, group: int, grad: torch.Tensor) -> torch.Tensor:
         """dL/dx through the group's low-rank path for dL/d(delta) (B, T, O) -> (B, T, H), from the edge."""

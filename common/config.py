@@ -57,6 +57,7 @@ class ServeConfig(_Frozen):
     port: int = Field(0, ge=0, le=65535)  # 0 picks a free port, printed as `listening on HOST:PORT`
     device: Device = "cpu"
     dtype: Dtype = "float32"  # compute dtype of the frozen stack
+    device_map: Literal["auto", "balanced", "sequential"] | None = None  # accelerate's placement over GPUs, then CPU
     max_sessions: int = Field(16, ge=1)  # live sessions on all workers sharing the Redis (cloud_server/slots.py)
     step_timeout_s: float = Field(600.0, gt=0)  # how long the cloud waits for one edge reply
     drain_timeout_s: float = Field(60.0, ge=0)  # on SIGTERM: how long live sessions get to finish their step
