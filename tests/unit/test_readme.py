@@ -12,7 +12,7 @@ from edge_client.app.cli import _parser as dlora_parser
 from edge_client.app.daemon import parser as edge_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-OTHER_TOOLS = {"--env-file", "--no-deps", "--rm"}  # flags of docker and pip that the README also shows
+OTHER_TOOLS = {"--env-file", "--no-deps", "--rm", "--scale"}  # flags of docker and pip that the README also shows
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
