@@ -1,7 +1,9 @@
 """`dlora-cloud serve --device-map auto`: accelerate places the layers (here every one on the CPU, the only
 device this machine has), the stack feeds the first layer where it runs and each slot adds its delta where
-its module runs. A split step through such a cloud computes exactly what the default cloud computes: the
-same float32 operations on the same numbers, on the same device."""
+its module runs. A split step through such a cloud computes what the default cloud computes: the same float32
+operations on the same numbers, on the same device, up to the order a BLAS may sum in when a tensor sits at
+another alignment (rel 1e-5 on the loss, rtol 1e-5 + 3e-5 of the largest element per gradient: the golden
+test's tolerances, derived there; a misplaced or missing delta moves them by 1e-2 to 1)."""
 
 from __future__ import annotations
 
@@ -36,5 +38,7 @@ def test_a_device_mapped_stack_computes_what_the_default_one_does(protocol, tiny
         for server in servers:
             server.stop(0)
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_a == loss_b
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert any(bool(b.any()) for b in grads_b)  # B starts at zero, so only B's gradients are non-zero on step 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5 * float(b.abs().max()))

@@ -26,8 +26,11 @@ def test_a_drained_worker_hands_its_session_to_another(protocol, tiny_dir, redis
                                                        monkeypatch):
     """Step 0 on worker A; A starts draining in the middle of step 1 (while the device computes its loss); step 1
     still completes there; step 2 finds the stream ended (UNAVAILABLE, "shutting down"); the device resumes the
-    session on worker B (the next test: A meanwhile refuses new streams and says DRAINING). Losses and gradients equal, bit for bit,
-    those of the same three steps on B alone (the same float32 operations on the same numbers)."""
+    session on worker B (the next test: A meanwhile refuses new streams and says DRAINING). Losses and gradients
+    equal those of the same three steps on B alone up to float32 round-off: the same operations on the same
+    numbers, but a received tensor is used in place in its message buffer, whose alignment may make a BLAS pick
+    another kernel (another summation order) on some CPUs: rel 1e-5 on the loss, rtol 1e-5 + 3e-5 of the
+    largest element on each gradient (test_golden_peft.py derives these; a wrong step moves them by 1e-2 to 1)."""
     model_dir = tiny_dir("llama", layers=2)
     a, b = start_cloud(model_dir, redis_url), start_cloud(model_dir, redis_url)
     cfg = dict(model=model_dir, data=data_file, output=tmp_path, protocol=protocol, micro_batches=2,
@@ -74,8 +77,9 @@ def test_a_drained_worker_hands_its_session_to_another(protocol, tiny_dir, redis
             loss = moved.train_step(batch, step, roles)[0]
             got.append((loss, [p.grad.clone() for p in moved.parameters()]))
         for step, ((lw, gw), (lg, gg)) in enumerate(zip(want, got)):
-            assert lg == lw, step
-            assert all(torch.equal(x, y) for x, y in zip(gg, gw)), step
+            assert lg == pytest.approx(lw, rel=1e-5), step
+            for x, y in zip(gg, gw):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=3e-5 * float(y.abs().max()))
     finally:
         moved.close()
         alone.close()
