@@ -9,7 +9,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -94,6 +94,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self._lock = threading.Lock()
         self._live: dict[str, EdgeStream] = {}  # session id -> its one live stream in this process
         self.draining = threading.Event()  # set by CloudServer.drain: no new streams, live ones end between steps
+        self.sessions_changed: Callable[[], None] = lambda: None  # the worker registry's nudge, once it exists
 
     def wake_all(self) -> None:
         """Make every live stream's session loop look at its state again (draining has begun)."""
@@ -152,6 +153,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             context.abort(status_of(e), str(e))
         with self._lock:
             old, self._live[session_id] = self._live.get(session_id), stream
+        self.sessions_changed()
         if old is not None:  # the device came back, e.g. after a half-open connection: the old stream ends
             old.interrupt(SupersededError(f"session {session_id} continues on a newer stream with its token; "
                                           "this one ends"))
@@ -246,6 +248,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             with self._lock:
                 if self._live.get(spec.session_id) is stream:  # not when a newer stream took its place
                     del self._live[spec.session_id]
+            self.sessions_changed()
             try:
                 self._leave(slot)
             finally:  # whatever happens there, the response stream must end, or its gRPC thread waits forever
@@ -306,6 +309,7 @@ class CloudServer:
         host = socket.gethostname() if config.host in ("0.0.0.0", "::", "") else config.host
         self.registry = WorkerRegistry(self.redis, f"{host}:{self.port}", stack.config.model_type, stack.fingerprint,
                                        self.servicer.live_sessions)
+        self.servicer.sessions_changed = self.registry.nudge
         log.info("registered as worker %s (dlora-cloud status lists the workers on this Redis)",
                  self.registry.worker_id)
 

@@ -6,8 +6,8 @@ Keys (times are Redis's own clock, in ms, so workers' clocks need not agree):
 - `dlora:worker:{id}` (hash, expiring with it): address, model fingerprint and type, host, pid, start
   time, and its load at the last beat: the sessions it serves and their ids.
 
-A worker beats every TTL/3 on a thread of its own (`WorkerRegistry`), and removes its entry when it stops
-cleanly. `dlora-cloud status` reads them (`list_workers`, `render`). Sessions' own state (records, the
+A worker beats every TTL/3 on a thread of its own (`WorkerRegistry`), and at once when one of its sessions
+opens or ends (`nudge`), and removes its entry when it stops cleanly. `dlora-cloud status` reads them (`list_workers`, `render`). Sessions' own state (records, the
 Kill-and-Revive streams, the live slots and their fencing tokens) lives in Redis already, so any worker
 can continue any session; this registry is what an operator and a balancer's health checks look at.
 """
@@ -67,6 +67,7 @@ class WorkerRegistry:
         self.fixed = {"address": address, "model_type": model_type, "fingerprint": fingerprint,
                       "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self._stop = threading.Event()
+        self._nudged = threading.Event()  # beat now: a session opened or ended
         self.beat()
         self._thread = threading.Thread(target=self._run, daemon=True, name="dlora-worker-beat")
         self._thread.start()
@@ -84,13 +85,21 @@ class WorkerRegistry:
         except redis.RedisError as e:
             log.warning("could not renew this worker's registration in Redis: %s", e)
 
+    def nudge(self) -> None:
+        """Beat now, on the beat's own thread (the caller never waits for Redis): the sessions changed."""
+        self._nudged.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.ttl_ms / 3000):
-            self.beat()
+        while not self._stop.is_set():
+            self._nudged.wait(self.ttl_ms / 3000)
+            self._nudged.clear()
+            if not self._stop.is_set():
+                self.beat()
 
     def stop(self) -> None:
         """Stop beating and remove the registration (a worker that dies instead drops out one TTL later)."""
         self._stop.set()
+        self._nudged.set()
         self._thread.join(timeout=5)
         try:
             with self.r.pipeline() as p:
