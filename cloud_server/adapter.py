@@ -159,9 +159,13 @@ class AdapterStep:
             if self._ended:
                 raise SessionError(f"step {self.step}: the stream ended while layer {layer} waited for its weights")
             if module not in self.weights:
-                raise ProtocolError(f"step {self.step}: layer {layer} is present but the weights of its "
-                                    f"{self.spec.paths[module % self.spec.layout.per_layer]} were never sent")
+                raise self._never_sent(f"step {self.step}", module)
             return self.weights[module]
+
+    def _never_sent(self, where: str, module: int) -> ProtocolError:
+        layout = self.spec.layout
+        return ProtocolError(f"{where}: layer {layout.layer_of(module)} is present but the weights of its "
+                             f"{self.spec.paths[module % layout.per_layer]} were never sent")
 
     def begin(self, begin: pb.StepBegin, send: Callable[[Frame], None]) -> CloudLora:
         """The LoRA of one micro-batch of this step, after checking its StepBegin against the step; `send`
@@ -184,8 +188,7 @@ class AdapterStep:
                 continue
             for t in range(layout.per_layer):
                 if layout.module(layer, t) not in self.weights:
-                    raise ProtocolError(f"{where}: layer {layer} is present but the weights of its "
-                                        f"{self.spec.paths[t]} were never sent")
+                    raise self._never_sent(where, layout.module(layer, t))
         for m in self.trained:
             if roles[layout.layer_of(m)] != pb.FORWARD_BACKWARD:
                 raise ProtocolError(f"{where}: asks for the gradient of module {m}, whose layer "

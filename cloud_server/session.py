@@ -332,6 +332,12 @@ class _Dispatcher:
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))
 
 
+def _drained(spec: SessionSpec) -> DrainingError:
+    """How a stream ends when its worker drains (UNAVAILABLE: the device reconnects and redoes the step)."""
+    return DrainingError(f"this worker is shutting down; reconnect to continue session {spec.session_id} "
+                         "(on another worker behind the same address)")
+
+
 def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limits: ServeConfig, kr: KRQueue,
                 pool: ThreadPoolExecutor, before_step: Callable[[], None] | None = None,
                 draining: Callable[[], bool] = lambda: False) -> None:
@@ -358,8 +364,7 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
             except Wake:
                 session.raise_failure()  # a micro-batch's error that ends the session ends it now
                 if draining() and session.idle():  # the step in flight is done: end here, not at the next one
-                    raise DrainingError(f"this worker is shutting down; reconnect to continue session "
-                                        f"{spec.session_id} (on another worker behind the same address)") from None
+                    raise _drained(spec) from None
                 continue
             if msg is None:
                 break
@@ -367,8 +372,7 @@ def run_session(stream: EdgeStream, stack: DecoderStack, spec: SessionSpec, limi
             session.raise_failure()
             if msg.kind in ("step_weights", "step_begin", "epoch_report"):
                 if draining() and session.idle():
-                    raise DrainingError(f"this worker is shutting down; reconnect to continue session "
-                                        f"{spec.session_id} (on another worker behind the same address)")
+                    raise _drained(spec)
                 if before_step is not None:
                     before_step()
             session.dispatch(msg)

@@ -61,7 +61,8 @@ class AdapterLayout:
             raise ProtocolError(f"{what}: module numbers must be strictly ascending")
         return out
 
-    def pack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """A, B, A, B, ... flattened into one float32 vector (the wire layout)."""
         if not tensors:
             return torch.empty(0)

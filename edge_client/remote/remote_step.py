@@ -33,6 +33,7 @@ import torch
 from common.errors import ProtocolError, one_line
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.wire import codecs
+from common.wire.adapter import AdapterLayout
 from common.wire.frames import Frame
 from edge_client.remote.link import CloudLink, cloud_error
 from edge_client.train.engines import Traffic
@@ -138,7 +139,7 @@ class RemoteStep:
         by_layer: dict[int, list[int]] = {}  # modules of the present layers the cloud does not hold as they are now
         trained: list[int] = []
         if self.lora is not None:
-            layout = self.lora.layout()
+            layout = self.lora.layout
             for layer, role in enumerate(self.roles):
                 for t in range(layout.per_layer if role != pb.ABSENT else 0):
                     m = layout.module(layer, t)  # = its index in lora.pairs
@@ -151,7 +152,7 @@ class RemoteStep:
         frames = []
         for i, modules in enumerate(chunks):
             pairs = [self.lora.pairs[m] for m in modules]  # type: ignore[union-attr]
-            flat = self.lora.layout().pack([w for p in pairs for w in (p.A, p.B)]) if pairs else torch.empty(0)  # type: ignore[union-attr]
+            flat = AdapterLayout.pack([w for p in pairs for w in (p.A, p.B)])
             msg = pb.EdgeMessage(step_weights=pb.StepWeights(
                 step=self.step, micro_batches=micro_batches, train=self.train, modules=modules, trained=trained,
                 more=i < len(chunks) - 1))
@@ -168,7 +169,7 @@ class RemoteStep:
         if self.lora is None or not modules or any(m not in due for m in modules) or modules != sorted(set(modules)):
             raise ProtocolError(f"cloud sent LoRA gradients of modules {one_line(str(modules[:8]), 60)} that step "
                                 f"{self.step} does not train or already has")
-        layout = self.lora.layout()
+        layout = self.lora.layout
         flat = codecs.decode(body.grads, f"LoraGrads of step {self.step}", (layout.total_numel(modules),),
                              self.link.config.weights_wire, payload=frame.payloads.get("grads"), device=self.lora.edge.device)
         for m, (da, db) in zip(modules, layout.unpack(flat, modules)):

@@ -167,7 +167,7 @@ class BenchRun:
         edge, spec, cfg = self.engine.edge, self.spec, self.cfg
         parts = [p.attention_mask.numel() for p in self.batches[1].split(spec.micro_batches)]
         if spec.protocol == "adapter":
-            layout = self.engine.adapter.layout()  # type: ignore[attr-defined]
+            layout = self.engine.adapter.layout  # type: ignore[attr-defined]
             numel = layout.total_numel([layout.module(layer, t) for layer in self.active for t in range(layout.per_layer)])
             cost = adapter_step_cost(parts, edge.embed_width, edge.head_width, numel, numel, True, cfg.codec_up,
                                      cfg.int8_block_size, cfg.codec_down, cfg.weights_wire)  # sent = trained

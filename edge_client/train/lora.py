@@ -61,6 +61,9 @@ class LoraAdapter(nn.Module):
         self.scaling = alpha / rank
         self.targets = edge.targets
         self.per_layer = len(self.targets) // edge.num_layers  # targets in every layer
+        # the adapter protocol's module numbering: module i is self.pairs[i] (targets are layer-major)
+        self.layout = AdapterLayout(edge.num_layers, rank,
+                                    tuple((t.in_features, t.out_features) for t in self.targets[: self.per_layer]))
         self.pairs = nn.ModuleList(LoraPair(t, rank) for t in self.targets)
         self.by_group: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(self.targets):
@@ -84,11 +87,6 @@ class LoraAdapter(nn.Module):
             key = None if step is None else dropout_key(self.seed, step[0], step[1], layer, i % self.per_layer)
             parts.append(lora_delta(x, p.A, p.B, self.scaling, self.dropout_p, key))  # (B, T, out_i)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def layout(self) -> AdapterLayout:
-        """The adapter protocol's module numbering: module i is self.pairs[i] (targets are layer-major)."""
-        return AdapterLayout(self.edge.num_layers, self.rank,
-                             tuple((t.in_features, t.out_features) for t in self.targets[: self.per_layer]))
 
     def group_width(self, layer: int, group: int) -> int:
         return sum(self.targets[i].out_features for i in self.by_group[(layer, group)])

@@ -94,7 +94,7 @@ def record_step_weights(split: SplitEngine) -> dict[int, tuple[list[int], list[i
 
 
 def modules_of(split: SplitEngine, layers) -> list[int]:
-    layout = split.adapter.layout()
+    layout = split.adapter.layout
     return [layout.module(layer, t) for layer in sorted(layers) for t in range(layout.per_layer)]
 
 
@@ -126,7 +126,7 @@ def assert_payload(
     """The step's payload equals adapter_step_cost for these sent and trained modules, and its messages
     are one StepWeights per layer with modules sent (one if none), one LoraGrads per layer with trained
     modules (sent as the backward passes it) and one StepBegin, HiddenGrad and Hidden per micro-batch."""
-    layout, edge = split.adapter.layout(), split.edge
+    layout, edge = split.adapter.layout, split.edge
     tokens = [part.input_ids.numel() for part in batch.split(split.micro_batches)]  # N_i, as the engine splits
     w, g = layout.total_numel(sent), layout.total_numel(trained)
     want = adapter_step_cost(

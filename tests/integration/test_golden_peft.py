@@ -177,6 +177,15 @@ def split_step(split: SplitEngine, batch: Batch, step: int, active: set[int],
     return loss, {k: p.grad for k, p in split.adapter.named_lora_parameters()}
 
 
+def check_step(what: str, ref: PeftReference, split: SplitEngine, batch: Batch, step: int, active: set[int],
+               mode: KillMode, micro_batches: int = 1) -> None:
+    """One optimizer step with these active modules in `mode`, PEFT's and the split's, compared."""
+    ref.set_active(active, mode)
+    want = ref.step(batch, step, micro_batches)
+    got = split_step(split, batch, step, active, mode)
+    assert_same_step(f"{what} {mode} active={sorted(active)}", active, got, want)
+
+
 def assert_same_step(what: str, active: set[int], got: tuple[float, dict], want: tuple[float, dict]) -> None:
     (loss_s, grads_s), (loss_p, grads_p) = got, want
     assert loss_s == pytest.approx(loss_p, rel=1e-5), what
@@ -205,10 +214,7 @@ def test_one_step_equals_peft_per_kill_mode(family, mode, tiny_dir, cloud, tmp_p
     batch = make_batch(model_dir)
     try:
         for step, active in enumerate(ACTIVE_SETS):
-            ref.set_active(active, mode)
-            want = ref.step(batch, step)
-            got = split_step(split, batch, step, active, mode)
-            assert_same_step(f"{family} {mode} active={sorted(active)}", active, got, want)
+            check_step(family, ref, split, batch, step, active, mode)
     finally:
         split.close()
 
@@ -227,10 +233,7 @@ def test_micro_batches_equal_peft(family, tiny_dir, cloud, tmp_path):
                                               ({1}, "dropped"), ({0, 2}, "frozen")]
     try:
         for step, (active, mode) in enumerate(cases):
-            ref.set_active(active, mode)
-            want = ref.step(batch, step, m)
-            got = split_step(split, batch, step, active, mode)
-            assert_same_step(f"{family} M={m} {mode} active={sorted(active)}", active, got, want)
+            check_step(f"{family} M={m}", ref, split, batch, step, active, mode, m)
     finally:
         split.close()
 
@@ -254,10 +257,7 @@ def test_adapter_protocol_equals_peft(family, tiny_dir, cloud, tmp_path):
     theirs = ref.weights()
     try:
         for step, (active, mode) in enumerate(cases):
-            ref.set_active(active, mode)
-            want = ref.step(batch, step, m)
-            got = split_step(split, batch, step, active, mode)
-            assert_same_step(f"{family} adapter M={m} {mode} active={sorted(active)}", active, got, want)
+            check_step(f"{family} adapter M={m}", ref, split, batch, step, active, mode, m)
             with torch.no_grad():  # the same update on both sides, from PEFT's gradients
                 for key, p in theirs.items():
                     if p.grad is not None:
