@@ -103,6 +103,12 @@ return 1
 """
 
 
+def redis_now_ms(client: redis.Redis) -> int:
+    """Redis's own clock in ms: what the leases here and the worker registry count in (workers' clocks may differ)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def owner_key(owner: str) -> str:
     return f"dlora:live:owner:{owner}"
 
@@ -194,8 +200,7 @@ class SessionSlots:
         Raises:
             redis.RedisError: Redis failed.
         """
-        now_s, now_us = self.r.time()
-        now = now_s * 1000 + now_us // 1000
+        now = redis_now_ms(self.r)
         return int(self.r.zcount(LIVE if owner is None else owner_key(owner), f"({now}", "+inf"))
 
     def stop(self) -> None:

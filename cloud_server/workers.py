@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import redis
 
+from cloud_server.slots import redis_now_ms
+
 log = logging.getLogger(__name__)
 
 WORKERS = "dlora:workers"
@@ -33,11 +35,6 @@ TTL_S = 15.0  # a worker that stopped beating is gone this much later
 
 def worker_key(worker_id: str) -> str:
     return f"dlora:worker:{worker_id}"
-
-
-def _now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,7 @@ class WorkerRegistry:
     def beat(self) -> None:
         """Register (again) with the current load, for one more TTL."""
         try:
-            now = _now_ms(self.r)
+            now = redis_now_ms(self.r)
             fields = {**self.fixed, "sessions": json.dumps(sorted(self.load())), "beat_ms": now}
             with self.r.pipeline() as p:
                 p.hset(worker_key(self.worker_id), mapping=fields)
@@ -116,7 +113,7 @@ def list_workers(client: redis.Redis) -> list[WorkerInfo]:
     Raises:
         redis.RedisError: Redis failed.
     """
-    now = _now_ms(client)
+    now = redis_now_ms(client)
     client.zremrangebyscore(WORKERS, "-inf", now)
     out = []
     for raw_id in client.zrange(WORKERS, 0, -1):
