@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
 from common.wire.protocol import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, WIRE_CODECS
@@ -112,6 +112,14 @@ class TrainConfig(_Frozen):
     micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
     protocol: StepProtocolName = "layerwise"  # layerwise: LoRA on the device (the paper); adapter: LoRA weights to the cloud
     weights_wire: WeightCodec = "float32"  # adapter: codec of the LoRA weights and their gradients
+    # noise defences (edge_client/train/privacy.py, `dlora train` only): each token row clipped to L2 norm C,
+    # plus N(0, (sigma x C)^2) per coordinate; sigma 0 and no clip: the tensor goes up untouched
+    privacy_noise: float = Field(0.0, ge=0)  # sigma on the StepBegin tensor (input embeddings)
+    privacy_clip: float | None = Field(None, gt=0)  # its clip norm C; needed when privacy_noise > 0
+    grad_noise: float = Field(0.0, ge=0)  # sigma on the HiddenGrad dL/dh (it defends the labels)
+    grad_clip: float | None = Field(None, gt=0)  # its clip norm C; needed when grad_noise > 0
+    noise_seed: int | None = Field(None, ge=0, lt=1 << 63, repr=False)  # keys the noise (a secret); None: fresh per process.
+    # Never derived from `seed`: the adapter protocol sends that to the cloud, which could then subtract the noise
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start
     reply_timeout_s: float = Field(600.0, gt=0)  # longest wait for one cloud message
     max_message_mb: int = Field(MAX_MESSAGE_MB, ge=4)
@@ -135,6 +143,15 @@ class TrainConfig(_Frozen):
         if v is not None and v not in WIRE_CODECS:
             raise ValueError(f"use one of {', '.join(WIRE_CODECS)}")
         return v
+
+    @model_validator(mode="after")
+    def _noise_has_clip(self) -> TrainConfig:
+        for noise, clip in (("privacy_noise", "privacy_clip"), ("grad_noise", "grad_clip")):
+            if getattr(self, noise) > 0 and getattr(self, clip) is None:
+                a, b = "--" + noise.replace("_", "-"), "--" + clip.replace("_", "-")
+                raise ValueError(f"{a}={getattr(self, noise):g} needs {b} C: the noise is sigma x C per coordinate "
+                                 f"of each token row clipped to norm C; pass {b} or drop {a}")
+        return self
 
     @property
     def codec_up(self) -> str:
@@ -166,7 +183,9 @@ def check_int8_block_size(n: int) -> int:
 def flag_error(error: ValidationError) -> ConfigError:
     """One line naming the first bad flag, its value and what is allowed."""
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "?"
+    if not first["loc"]:  # a model validator's: its message names the flags itself
+        return ConfigError(first["msg"].removeprefix("Value error, "))
+    field = str(first["loc"][0])
     flag = "--" + field.removesuffix("_s").replace("_", "-")
     msg = first["msg"].removeprefix("Value error, ")
     return ConfigError(f"{flag}={first.get('input')!r}: {msg}")
