@@ -71,6 +71,23 @@ def _protocol_flags(p: argparse.ArgumentParser) -> None:
                    help=f"adapter protocol: codec of the LoRA weights and their gradients (default {_default('weights_wire')})")
 
 
+def _privacy_flags(p: argparse.ArgumentParser) -> None:
+    """Noise on what `dlora train` sends up (edge_client/train/privacy.py; its docstring: what it guarantees)."""
+    p.add_argument("--privacy-noise", type=float, default=None, metavar="SIGMA",
+                   help="train: clip each token row of the input embeddings sent up to norm --privacy-clip C and add "
+                        f"N(0, (SIGMA x C)^2) per coordinate (default {_default('privacy_noise'):g}: off)")
+    p.add_argument("--privacy-clip", type=float, default=None, metavar="C",
+                   help="train: L2 norm each input-embedding row is clipped to (default: no clipping)")
+    p.add_argument("--grad-noise", type=float, default=None, metavar="SIGMA",
+                   help="train: the same on dL/dh, the gradient sent up, which otherwise gives the labels away; it "
+                        f"changes training (default {_default('grad_noise'):g}: off)")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="C",
+                   help="train: L2 norm each dL/dh row is clipped to (default: no clipping)")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="train: keys the noise, for a reproducible run; keep it secret: the cloud could subtract "
+                        "the noise with it (default: a fresh random secret per process)")
+
+
 def _split_flags(p: argparse.ArgumentParser) -> None:
     """`dlora train`'s flags that local-train lacks: the cloud and the link to it."""
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
@@ -136,6 +153,7 @@ def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
                    help="split each batch into M micro-batches: they overlap on the wire (train), they accumulate "
                         f"gradients (local-train); the same dropout masks either way (default {_default('micro_batches')})")
     _kill_revive_flags(p)
+    _privacy_flags(p)  # local-train has them to refuse them with one line (it sends nothing up)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, choices=DEVICES,
@@ -259,6 +277,11 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
         given["budget"] = None if args.budget == "all" else int(args.budget)
     if args.targets:
         given["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    noise = [f for f in ("privacy_noise", "privacy_clip", "grad_noise", "grad_clip", "noise_seed") if f in given]
+    if noise and not split:
+        flags = ", ".join("--" + f.replace("_", "-") for f in noise)
+        raise ConfigError(f"{flags}: local-train sends nothing up, so there is nothing to noise; use dlora train "
+                          "(against a local dlora-cloud serve) to measure the noise's cost")
     try:
         cfg = TrainConfig(shuffle=not args.no_shuffle, progress=not args.no_progress, **given)
     except ValidationError as e:

@@ -18,6 +18,7 @@ from edge_client.train.engines import Traffic
 from edge_client.train.kill_revive import kr_config
 from edge_client.train.lora import LoraAdapter
 from edge_client.train.model_parts import EdgeModel
+from edge_client.train.privacy import PrivacyNoise
 
 
 class SplitEngine:
@@ -33,6 +34,7 @@ class SplitEngine:
                               lora=self.adapter)
         self.link.open()
         self.micro_batches = cfg.micro_batches
+        self.privacy = PrivacyNoise.from_config(cfg)  # --privacy-noise, --grad-noise: off by default
         # computes micro-batches' heads while the step's thread answers the others' layer calls (M > 1);
         # one long-lived thread: a fresh thread per step would start a new OpenMP team each time
         self._heads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlora-head")
@@ -81,9 +83,10 @@ class SplitEngine:
         parts: list[MicroBatch] = []
         labels: list[torch.Tensor] = []
         dev = self.edge.device
-        for part in batch.split(self.micro_batches):
+        for mb, part in enumerate(batch.split(self.micro_batches)):
             with torch.no_grad():
-                parts.append(MicroBatch(self.edge.embed(part.input_ids.to(dev)), part.attention_mask))  # (b, t, E)
+                x = self.privacy.inputs(self.edge.embed(part.input_ids.to(dev)), part.attention_mask, step, mb)
+                parts.append(MicroBatch(x, part.attention_mask))  # (b, t, E)
             labels.append(part.labels.to(dev))
         losses: dict[int, float] = {}
 
@@ -92,7 +95,7 @@ class SplitEngine:
             loss = lm_loss(self.edge.logits(h), labels[mb], n_tokens)
             loss.backward()
             losses[mb] = float(loss.detach())
-            return h.grad  # type: ignore[return-value]
+            return self.privacy.hidden_grad(h.grad, parts[mb].attention_mask, step, mb)  # type: ignore[arg-type]
 
         traffic = RemoteStep(self.link, self.adapter, step=step, roles=roles, train=True, head=head,
                              heads=self._heads).run(parts)
