@@ -52,6 +52,13 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-adapter-mb", type=int, default=None,
                    help="adapter protocol: the most LoRA weights (MB, float32) one session may make this cloud hold; "
                         f"a larger rank x targets is refused at the Hello (default {_default('max_adapter_mb')})")
+    s.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="the curious operator's view: keep a copy of every tensor that crosses in the first "
+                        "--record-steps steps of every session under DIR (made 0700; refused if others may read it), "
+                        "the one exception to the rule that the cloud keeps nothing of a session; for attack "
+                        "harnesses (docs/security.md) (default: off)")
+    s.add_argument("--record-steps", type=int, default=None,
+                   help=f"steps of each session --record keeps (default {_default('record_steps')})")
     s.add_argument("--max-tokens", type=int, default=None,
                    help="tokens (B x T) a session may have in flight: a step's micro-batches together "
                         f"(default {_default('max_tokens')})")

@@ -34,6 +34,7 @@ from common.errors import (
 )
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
+from common.recording import prepare_root
 from common.tls import describe_transport, server_credentials
 from common.wire import frames
 from common.wire.frames import Frame
@@ -277,10 +278,15 @@ class CloudServer:
 
         Raises:
             ConfigError: the address cannot be bound, Redis cannot be reached, --auth none or plaintext off
-                loopback without --insecure, or a TLS file is missing or wrong (common.tls).
+                loopback without --insecure, a TLS file is missing or wrong (common.tls), or --record names
+                a folder others may access (common.recording).
         """
         mode = auth_mode(config)
         credentials = server_credentials(config)  # checks the PEM files and the plaintext rule before any work
+        if config.record is not None:  # the curious operator's view: a folder only its owner can read
+            prepare_root(config.record)
+            log.warning("--record: keeping a copy of what crosses in the first %d steps of every session under %s",
+                        config.record_steps, config.record)
         self.redis, where = connect(config.redis_url, config.state_dir)
         log.info("Kill-and-Revive queue: %s", where)
         self.store = SessionStore(self.redis, config.session_ttl_s)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from cloud_server.adapter import AdapterStep, LoraSpec, WeightCache
 from cloud_server.kr_queue import KRQueue
+from cloud_server.recorder import session_recorder
 from cloud_server.stack import DecoderStack
 from cloud_server.step import StepRun
 from cloud_server.stream import EdgeStream
@@ -185,6 +186,7 @@ class _Dispatcher:
         # adapter protocol: this stream's weights, and the step the last StepWeights opened
         self.cache = WeightCache(spec.lora, stack.device, limits.step_timeout_s) if spec.lora is not None else None
         self.adapter_step: AdapterStep | None = None
+        self.recorder = session_recorder(limits, spec, stack, kr)  # --record: the first steps' copies; None: off
         self.handlers: dict[str, Callable[[Frame], None]] = {
             "step_begin": self._start_step,
             "epoch_report": self._report_epoch,
@@ -250,6 +252,7 @@ class _Dispatcher:
             tokens, refusal = self._over_limit(body)
             if refusal is None:
                 run = StepRun(msg, self.spec, self.stream, self.stack, self._finished, self.adapter_step)
+                run.rec = self.recorder.micro_batch(body) if self.recorder else None
                 self.running[key], self.tokens[key] = run, tokens
         if refusal is not None:
             log.warning("session %s: %s", self.spec.session_id, refusal)
@@ -290,6 +293,9 @@ class _Dispatcher:
             if not continues:
                 self.adapter_step = None
             self.adapter_step = self.cache.update(msg, self.limits.max_micro_batches, step if continues else None)
+            if self.recorder:
+                self.recorder.step_weights(body.step, self.cache.spec, {m: self.cache.weights[m] for m in body.modules},
+                                           continues)
         except ProtocolError as e:
             if self.adapter_step is not None:  # a refused continuation: layers waiting for it give up
                 self.adapter_step.abandon()
@@ -327,6 +333,8 @@ class _Dispatcher:
                 if self.running:
                     raise ProtocolError("epoch report while micro-batches are still running")
             self.stream.send(answer_report(msg.body, self.spec, self.kr, self.stream.reply_timeout_s))
+            if self.recorder:
+                self.recorder.reported(msg.body.epoch)
         except ProtocolError as e:
             log.warning("session %s: %s", self.spec.session_id, e)
             self.stream.send(pb.CloudMessage(step_error=pb.StepError(code="INVALID_ARGUMENT", message=str(e))))

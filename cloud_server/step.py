@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cloud_server.adapter import AdapterStep, CloudLora
+from cloud_server.recorder import StepRecorder
 from cloud_server.stack import DecoderStack, active_step
 from cloud_server.stream import EdgeStream
 from common.errors import ProtocolError, SessionError, status_of
@@ -104,6 +105,7 @@ class StepRun:
         self.frame, self.spec, self.stream, self.stack = frame, spec, stream, stack
         self.adapter_step = adapter_step
         self.lora: CloudLora | None = None  # adapter protocol: this micro-batch's LoRA
+        self.rec: StepRecorder | None = None  # --record: this micro-batch's copies (the session sets it); None: off
         begin: pb.StepBegin = frame.body
         self.step, self.mb = begin.step, begin.micro_batch
         self.key = (self.step, self.mb)  # how the session finds this micro-batch
@@ -131,11 +133,16 @@ class StepRun:
         reply: pb.CloudMessage | None = None
         try:
             emb, mask, self.shape = check_begin(self.frame, self.spec, self.stack)
+            if self.rec:
+                self.rec.add("step_begin", emb)
+                self.rec.add("attention_mask", mask.to(torch.uint8))
             if self.spec.lora is not None:
                 if self.adapter_step is None:
                     raise ProtocolError(f"step {self.step}: an adapter session sends StepWeights before its StepBegins")
                 self.lora = self.adapter_step.begin(self.frame.body, self.stream.send)
             self._execute(emb, mask)
+            if self.rec:
+                self.rec.save()
             reply = pb.CloudMessage(step_done=pb.StepDone(
                 step=self.step, micro_batch=self.mb, cloud_seconds=time.perf_counter() - started))
         except ProtocolError as e:
@@ -161,6 +168,8 @@ class StepRun:
         """
         with active_step(self), torch.set_grad_enabled(self.train):
             hidden = self.stack.run(embeddings, mask)  # (B, T, H)
+        if self.rec:
+            self.rec.add("hidden", hidden)
         msg = pb.CloudMessage(hidden=pb.Hidden(step=self.step, micro_batch=self.mb))
         data = codecs.encode_into(msg.hidden.hidden, hidden, self.spec.codec_down, self.spec.block_size_down)
         self.stream.send(Frame(msg, {"hidden": data}))
@@ -171,6 +180,8 @@ class StepRun:
             reply.body.grad, "HiddenGrad", tuple(hidden.shape), self.spec.codec_up, hidden.dtype, reply.payloads.get("grad"),
             hidden.device,
         )
+        if self.rec:
+            self.rec.add("hidden_grad", grad)
         if hidden.requires_grad:  # False when no layer takes part in backward
             torch.autograd.backward(hidden, grad)
         if self.lora is not None:  # the backward's hooks sent what it reached; the rest is zero
@@ -187,7 +198,10 @@ class StepRun:
             RuntimeError: the family table groups targets that do not read the same input.
         """
         if self.lora is not None:
-            return self.lora.delta(layer, path, x)
+            delta = self.lora.delta(layer, path, x)
+            if self.rec and delta is not None:  # the input the cloud's own LoRA reads, once per group
+                self.rec.add_once(f"lora_x.{layer}.{group}", x if x.dim() == 3 else x.reshape(*self.shape, x.shape[-1]))
+            return delta
         targets = self.spec.groups[group]
         if path not in targets or self.roles[layer] == pb.ABSENT:
             return None
@@ -238,8 +252,12 @@ class StepRun:
         self.stream.send(Frame(msg, {field: data}))
         reply = self._expect(reply_kind, layer, group)
         b, t = self.shape
-        return codecs.decode(getattr(reply.body, reply_field), f"{reply_kind} layer {layer} group {group}",
-                             (b, t, reply_width), self.spec.codec_up, dtype, reply.payloads.get(reply_field), device)
+        out = codecs.decode(getattr(reply.body, reply_field), f"{reply_kind} layer {layer} group {group}",
+                            (b, t, reply_width), self.spec.codec_up, dtype, reply.payloads.get(reply_field), device)
+        if self.rec:  # lora_x / lora_delta, lora_grad_output / lora_grad_input
+            self.rec.add(f"lora_{field}.{layer}.{group}", tensor)
+            self.rec.add(f"lora_{reply_field}.{layer}.{group}", out)
+        return out
 
     def _expect(self, kind: str, layer: int | None = None, group: int | None = None) -> Frame:
         """The edge's next reply to this micro-batch, which must be `kind` (for `layer`/`group`).

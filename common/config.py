@@ -79,6 +79,10 @@ class ServeConfig(_Frozen):
     max_sessions_per_token: int = Field(4, ge=1)  # concurrent sessions one device token may hold (all workers)
     max_micro_batches: int = Field(8, ge=1)  # micro-batches in flight per session
     max_adapter_mb: int = Field(512, ge=1)  # adapter protocol: LoRA weights one session may make the cloud hold
+    # the curious operator's view (docs/security.md, common/recording.py): keep a copy of everything that crosses in
+    # the first record_steps steps of every session under this folder; None: the cloud keeps nothing of a session
+    record: Path | None = None
+    record_steps: int = Field(4, ge=1)  # distinct step numbers recorded per session, train and eval alike
     hello_timeout_s: float = Field(10.0, gt=0)  # a stream that has not said Hello by then is closed
     idle_timeout_s: float = Field(3600.0, gt=0)  # a session stream with no message for this long between steps is closed
     keepalive_s: float = Field(30.0, gt=0)  # HTTP/2 ping interval; a peer that does not answer within it is dropped
