@@ -43,6 +43,7 @@ class LoraSpec:
     seed: int
     codec: str  # of weights and gradients: "float32" | "bfloat16"
     paths: tuple[str, ...]  # the targets of a layer in family order (index t of a module)
+    edge_layers: int = 0  # k: layers 0..k-1 run on the edge, their LoRA with them (never sent here)
 
     @property
     def scaling(self) -> float:
@@ -78,6 +79,11 @@ class WeightCache:
                                 "(--max-micro-batches)")
         modules = layout.check_modules(msg.modules, f"{where}.modules")
         trained = layout.check_modules(msg.trained, f"{where}.trained")
+        k = self.spec.edge_layers
+        edge_owned = next((m for m in (*modules, *trained) if layout.layer_of(m) < k), None)
+        if edge_owned is not None:
+            raise ProtocolError(f"{where}: module {edge_owned} lies in layer {layout.layer_of(edge_owned)}, one of "
+                                f"the {k} layers the edge runs itself (Hello.edge_layers); its LoRA stays there")
         if trained and not msg.train:
             raise ProtocolError(f"{where}: names trained modules in a step that does not train")
         step = open_step if open_step is not None and open_step.more and open_step.step == msg.step else None
@@ -184,7 +190,7 @@ class AdapterStep:
             raise ProtocolError(f"{where}: train={begin.train}, its StepWeights said train={self.train}")
         layout, roles = self.spec.layout, list(begin.layer_roles)
         for layer, role in enumerate(roles if not self.more else ()):  # while weights still come, each layer waits
-            if role == pb.ABSENT:
+            if role == pb.ABSENT or layer < self.spec.edge_layers:  # the edge's layers: their LoRA runs there
                 continue
             for t in range(layout.per_layer):
                 if layout.module(layer, t) not in self.weights:

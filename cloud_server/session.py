@@ -57,6 +57,7 @@ class SessionSpec:
     block_size_down: int
     kr: KRConfig
     lora: LoraSpec | None = None  # the adapter protocol's LoRA settings; None: layerwise
+    edge_layers: int = 0  # k: the edge runs layers 0..k-1 itself, this cloud starts at layer k
 
     @property
     def protocol(self) -> str:
@@ -66,10 +67,12 @@ class SessionSpec:
         """What must match when an edge resumes this session (stored in Redis)."""
         return {"fingerprint": fingerprint, "targets": list(targets), "codec_up": self.codec_up,
                 "codec_down": self.codec_down, "kr": self.kr.__dict__, "protocol": self.protocol,
-                **({"lora": self.lora.record()} if self.lora is not None else {})}
+                **({"lora": self.lora.record()} if self.lora is not None else {}),
+                **({"edge_layers": self.edge_layers} if self.edge_layers else {})}
 
 
-def _lora_spec(hello: pb.Hello, stack: DecoderStack, groups: list[tuple[str, ...]], max_adapter_mb: int) -> LoraSpec:
+def _lora_spec(hello: pb.Hello, stack: DecoderStack, groups: list[tuple[str, ...]], max_adapter_mb: int,
+               edge_layers: int = 0) -> LoraSpec:
     """The adapter protocol's LoRA settings from a Hello, checked before the session holds any weights.
 
     Raises:
@@ -94,7 +97,7 @@ def _lora_spec(hello: pb.Hello, stack: DecoderStack, groups: list[tuple[str, ...
         raise ProtocolError(f"adapter protocol: a rank-{rank} adapter on {len(paths)} targets x {stack.num_layers} layers "
                             f"is {mb:.1f} MB, this cloud holds at most {max_adapter_mb} MB per session "
                             "(--max-adapter-mb); lower --rank or use fewer --targets")
-    return LoraSpec(layout, hello.lora_alpha, hello.lora_dropout, hello.dropout_seed, codec, paths)
+    return LoraSpec(layout, hello.lora_alpha, hello.lora_dropout, hello.dropout_seed, codec, paths, edge_layers)
 
 
 def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str, max_adapter_mb: int = 512) -> SessionSpec:
@@ -102,7 +105,8 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str, max_adapter
 
     Raises:
         SessionError: protocol or base model differ.
-        ProtocolError: unknown targets, codecs or step protocol, or bad LoRA settings (adapter).
+        ProtocolError: unknown targets, codecs or step protocol, bad LoRA settings (adapter), or edge layers
+            that leave this cloud no layer.
     """
     if hello.protocol != PROTOCOL:
         raise SessionError(f"edge speaks protocol {hello.protocol!r}, this cloud speaks {PROTOCOL!r}; upgrade one side")
@@ -133,8 +137,12 @@ def open_spec(hello: pb.Hello, stack: DecoderStack, session_id: str, max_adapter
         raise ProtocolError(f"block_size_down {block}: int8 blocks hold at most {MAX_BLOCK_SIZE} elements")
     if hello.step_protocol not in (pb.LAYERWISE, pb.ADAPTER):
         raise ProtocolError(f"step_protocol {hello.step_protocol}: this cloud speaks {', '.join(STEP_PROTOCOLS)}")
-    lora = _lora_spec(hello, stack, groups, max_adapter_mb) if hello.step_protocol == pb.ADAPTER else None
-    return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr, lora)
+    if hello.edge_layers >= stack.num_layers:
+        raise ProtocolError(f"edge_layers {hello.edge_layers}: this cloud's {stack.config.model_type} has "
+                            f"{stack.num_layers} layers; the edge may run at most {stack.num_layers - 1} of them")
+    k = hello.edge_layers
+    lora = _lora_spec(hello, stack, groups, max_adapter_mb, k) if hello.step_protocol == pb.ADAPTER else None
+    return SessionSpec(session_id, groups, widths, codec_up, codec_down, block, kr, lora, k)
 
 
 def answer_report(report: pb.EpochReport, spec: SessionSpec, kr: KRQueue, timeout_s: float) -> pb.CloudMessage:

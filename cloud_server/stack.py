@@ -7,12 +7,18 @@ happens here, exactly as in the full model. Its input embedding table is dropped
 A slot adds nothing unless the current thread is running a session step (`active_step`), in
 which case it adds the delta the session's step obtains from the edge. Many sessions share one
 stack: the step is looked up per thread, the weights are never written.
+
+A session whose device runs the first k layers itself (`--edge-layers k`) starts at layer k: `run`
+then goes through a view of the same model (common.families.start_view, made once per k and kept)
+that has layers k.. only and skips what the model applies to `inputs_embeds` before its first layer.
+Its slots are the stack's own, so they keep their true layer index.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +30,7 @@ from transformers import AutoModel
 
 from common.config import torch_dtype
 from common.errors import ConfigError
-from common.families import Family, family_of, linear_shape, max_positions
+from common.families import Family, family_of, hidden_width, linear_shape, max_positions, start_view
 from common.model_files import fingerprint, load_config, tensor_index
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,8 @@ class DecoderStack:
         self.slots = self._install_slots()
         self.embed_width = self._embed_width()
         self.max_positions = max_positions(self.config)  # None: no known cap on T
+        self._views: dict[int, nn.Module] = {}  # start layer k > 0 -> the model from layer k on (start_view)
+        self._views_lock = threading.Lock()
         log.info(
             "loaded %s (%d layers, %s, %s) fingerprint %s",
             self.config.model_type, self.num_layers, dtype, ", ".join(self.placement), self.fingerprint,
@@ -127,11 +135,36 @@ class DecoderStack:
         """Input width of a LoRA-able module."""
         return int(self.slots[(0, path)].in_features)
 
-    def run(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after the final norm) for embeddings (B, T, E) -> (B, T, E_out)."""
-        out = self.model(
-            inputs_embeds=embeddings.to(self.device, self.dtype),
-            attention_mask=attention_mask.to(self.device),
+    def entry_width(self, start: int = 0) -> int:
+        """Width of what goes in at layer `start`: the embeddings (E) at 0, the hidden states (H) after."""
+        return self.embed_width if start == 0 else hidden_width(self.config)
+
+    def entry_device(self, start: int = 0) -> torch.device:
+        """Where layer `start` runs: where its input goes."""
+        return self.device if start == 0 else next(self.layers[start].parameters()).device
+
+    def view(self, start: int) -> nn.Module:
+        """The model from layer `start` on (the model itself for 0), made on first use and kept.
+
+        Raises:
+            ValueError: start is not a layer of this model.
+        """
+        if start == 0:
+            return self.model
+        if not 0 < start < self.num_layers:
+            raise ValueError(f"start layer {start}: this model has layers 0..{self.num_layers - 1}")
+        with self._views_lock:
+            if start not in self._views:
+                self._views[start] = start_view(self.model, self.family, start)
+            return self._views[start]
+
+    def run(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Final hidden states (after the final norm) for embeddings (B, T, E) -> (B, T, E_out); from layer
+        `start` on for the hidden states (B, T, H) after the device's layer start-1."""
+        device = self.entry_device(start)
+        out = self.view(start)(
+            inputs_embeds=embeddings.to(device, self.dtype),
+            attention_mask=attention_mask.to(device),
             use_cache=False,
         )
         return out.last_hidden_state

@@ -11,7 +11,10 @@ The order of one micro-batch, as `StepRun.run` performs it:
 2. forward through the stack; each present layer's group sends LoraForward and awaits LoraDelta;
 3. send Hidden; when training, await HiddenGrad and backpropagate, which sends LoraBackward and
    awaits LoraGrad for each layer that takes part;
-4. answer StepDone (or StepError) and tell the session the micro-batch has ended.
+4. when the edge runs layers 0..k-1 itself (Hello.edge_layers k > 0), the StepBegin carries their output
+   and the stack starts at layer k; if any of them takes part in backward, send InputGrad (the gradient
+   at the StepBegin's tensor) so the edge can backpropagate through them;
+5. answer StepDone (or StepError) and tell the session the micro-batch has ended.
 
 In an adapter-protocol session (cloud_server/adapter.py) step 2 asks no one: the slots get their
 deltas from the micro-batch's `CloudLora`, and step 3 sends no LoraBackward; as the backward passes
@@ -63,8 +66,9 @@ class _RemoteLora(torch.autograd.Function):
 
 
 def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Decode and validate a StepBegin's tensors: (embeddings, attention mask, (B, T)). --max-tokens was
-    checked on the header before the micro-batch started (the session's `_over_limit`).
+    """Decode and validate a StepBegin's tensors: (embeddings, attention mask, (B, T)); the embeddings are the
+    hidden states after layer k-1 (B, T, H) when the edge runs layers 0..k-1. --max-tokens was checked on the
+    header before the micro-batch started (the session's `_over_limit`).
 
     Raises:
         ProtocolError: any mismatch with what the model and session expect.
@@ -80,8 +84,9 @@ def check_begin(frame: Frame, spec: SessionSpec, stack: DecoderStack) -> tuple[t
     if stack.max_positions and t > stack.max_positions:
         raise ProtocolError(f"sequence length {t} exceeds the model's {stack.max_positions} positions; lower --max-length")
     # (B, T, E)
-    emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.embed_width), spec.codec_up, stack.dtype,
-                        frame.payloads.get("embeddings"), stack.device)
+    k = spec.edge_layers
+    emb = codecs.decode(begin.embeddings, "StepBegin.embeddings", (b, t, stack.entry_width(k)), spec.codec_up,
+                        stack.dtype, frame.payloads.get("embeddings"), stack.entry_device(k))
     # (B, T)
     mask = codecs.decode(begin.attention_mask, "StepBegin.attention_mask", (b, t), "uint8",
                          payload=frame.payloads.get("attention_mask"))
@@ -159,15 +164,20 @@ class StepRun:
             self.stream.send(reply)
 
     def _execute(self, embeddings: torch.Tensor, mask: torch.Tensor) -> None:
-        """Forward (B, T, E) through the stack, send Hidden, and when training backpropagate HiddenGrad.
+        """Forward (B, T, E) through the stack, send Hidden, and when training backpropagate HiddenGrad (and send
+        InputGrad when the edge's own layers take part in backward).
 
         Raises:
             ProtocolError: an edge reply does not fit this step.
             SessionError: the edge went silent.
             _StreamClosed: the edge closed the stream.
         """
+        k = self.spec.edge_layers
+        input_grad = self.train and any(r == pb.FORWARD_BACKWARD for r in self.roles[:k])
+        if input_grad:
+            embeddings = embeddings.detach().requires_grad_(True)  # (B, T, H): its .grad goes back to the edge
         with active_step(self), torch.set_grad_enabled(self.train):
-            hidden = self.stack.run(embeddings, mask)  # (B, T, H)
+            hidden = self.stack.run(embeddings, mask, k)  # (B, T, H)
         if self.rec:
             self.rec.add("hidden", hidden)
         msg = pb.CloudMessage(hidden=pb.Hidden(step=self.step, micro_batch=self.mb))
@@ -186,6 +196,13 @@ class StepRun:
             torch.autograd.backward(hidden, grad)
         if self.lora is not None:  # the backward's hooks sent what it reached; the rest is zero
             self.lora.finish()
+        if input_grad:
+            dx = embeddings.grad if embeddings.grad is not None else torch.zeros_like(embeddings)  # (B, T, H)
+            msg = pb.CloudMessage(input_grad=pb.InputGrad(step=self.step, micro_batch=self.mb))
+            data = codecs.encode_into(msg.input_grad.grad, dx, self.spec.codec_down, self.spec.block_size_down)
+            self.stream.send(Frame(msg, {"grad": data}))
+            if self.rec:
+                self.rec.add("input_grad", dx)
 
     # -- called by the slots, inside the stack's forward
     def delta_for(self, layer: int, group: int, path: str, x: torch.Tensor) -> torch.Tensor | None:

@@ -116,6 +116,9 @@ class TrainConfig(_Frozen):
     micro_batches: int = Field(1, ge=1)  # split each batch; the cloud computes one while the device answers another
     protocol: StepProtocolName = "layerwise"  # layerwise: LoRA on the device (the paper); adapter: LoRA weights to the cloud
     weights_wire: WeightCodec = "float32"  # adapter: codec of the LoRA weights and their gradients
+    # decoder blocks the device runs itself (`dlora train`): blocks 0..k-1 and their LoRA stay here, the cloud
+    # starts at block k and sees their output, not the input embeddings; 0 = none (the cloud runs every block)
+    edge_layers: int = Field(0, ge=0)
     # noise defences (edge_client/train/privacy.py, `dlora train` only): each token row clipped to L2 norm C,
     # plus N(0, (sigma x C)^2) per coordinate; sigma 0 and no clip: the tensor goes up untouched
     privacy_noise: float = Field(0.0, ge=0)  # sigma on the StepBegin tensor (input embeddings)

@@ -4,12 +4,21 @@ A family entry says where the decoder layers live and which LoRA-able modules of
 the same input. The cloud sends one LoraForward per *input group*, so q, k and v (which all
 read the normed hidden states) cost one round trip, not three. A transformers upgrade that
 renames a module touches this file only.
+
+With `--edge-layers k` the base model runs in two pieces: the device runs it up to the output of
+layer k-1 (`with_layers` builds it with k layers, `drop_final` removes what follows the last
+layer), the cloud runs it from layer k on (`start_view`, which skips what the base model applies
+to `inputs_embeds` before the first layer, because the device applied it already).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import nn
 
 from common.errors import ConfigError
 
@@ -30,6 +39,13 @@ class Family:
     # (model name prefix, stored key prefix) pairs for checkpoints that store a tensor under an
     # older name, e.g. GPT-NeoX's head "lm_head." is stored as "embed_out.".
     stored_aliases: tuple[tuple[str, str], ...] = ()
+    # The entry stage: modules of the base model that act on `inputs_embeds` before the first layer, each
+    # with how a model starting at a later layer skips it: "zero" (an addend: positions) or "identity"
+    # (a map: an embedding layernorm, an input projection). Rotary positions and ALiBi are made per
+    # forward from the positions and the mask, on each side, and need nothing here.
+    entry: tuple[tuple[str, str], ...] = ()
+    # What the base model applies after the last layer (final norm, OPT's output projection), in order.
+    final: tuple[str, ...] = ()
 
     def stored_names(self, name: str) -> list[str]:
         """The keys a model parameter may be stored under, its own name first."""
@@ -63,22 +79,27 @@ _FUSED_QKV_GROUPS = {
 }
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj")),
-    "mistral": Family("mistral", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj")),
-    "qwen2": Family("qwen2", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj")),
+    "llama": Family("llama", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj"), final=("norm",)),
+    "mistral": Family("mistral", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj"), final=("norm",)),
+    "qwen2": Family("qwen2", "layers", _LLAMA_GROUPS, ("q_proj", "v_proj"), final=("norm",)),
     "opt": Family(
         "opt",
         "decoder.layers",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         ("q_proj", "v_proj"),
+        entry=(("decoder.embed_positions", "zero"), ("decoder.project_in", "identity")),
+        final=("decoder.final_layer_norm", "decoder.project_out"),
     ),
-    "bloom": Family("bloom", "h", _FUSED_QKV_GROUPS["bloom"], ("query_key_value",)),
+    "bloom": Family("bloom", "h", _FUSED_QKV_GROUPS["bloom"], ("query_key_value",),
+                    entry=(("word_embeddings_layernorm", "identity"),), final=("ln_f",)),
     # GPT-2 uses Conv1D (weight stored as (in, out)); PEFT handles it with fan_in_fan_out.
     "gpt2": Family(
-        "gpt2", "h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), ("c_attn",)
+        "gpt2", "h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), ("c_attn",),
+        entry=(("wpe", "zero"),), final=("ln_f",),
     ),
     "gpt_neox": Family(
-        "gpt_neox", "layers", _FUSED_QKV_GROUPS["gpt_neox"], ("query_key_value",), (("lm_head.", "embed_out."),)
+        "gpt_neox", "layers", _FUSED_QKV_GROUPS["gpt_neox"], ("query_key_value",), (("lm_head.", "embed_out."),),
+        final=("final_layer_norm",),
     ),
 }
 
@@ -135,3 +156,75 @@ def linear_shape(module: Any) -> tuple[int, int]:
 def max_positions(config: Any) -> int | None:
     """The longest sequence the model's learned or rotary positions allow (None: no known cap)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def hidden_width(config: Any) -> int:
+    """H: the width of the hidden states between decoder layers."""
+    return int(config.hidden_size)
+
+
+def with_layers(config: Any, first: int, count: int) -> Any:
+    """A copy of `config` for a model of the `count` decoder layers first..first+count-1 (per-layer attention
+    types, Qwen2's `layer_types`, cut to match); `num_hidden_layers` reaches GPT-2's and BLOOM's n_layer."""
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = count
+    if getattr(config, "layer_types", None) is not None:
+        out.layer_types = list(config.layer_types)[first : first + count]
+    return out
+
+
+def drop_final(model: nn.Module, family: Family) -> None:
+    """Make a base model end at its last layer's output: its final norm (and OPT's output projection) become
+    the identity. For the device's own copy of the first layers (it is never shared)."""
+    for path in family.final:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if getattr(parent, attr, None) is not None:
+            setattr(parent, attr, nn.Identity())
+
+
+class _Zero(nn.Module):
+    """An entry-stage addend (learned positions) that the device already added: adds nothing (x + 0 == x)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(())
+
+
+def start_view(model: nn.Module, family: Family, start: int) -> nn.Module:
+    """The base model from decoder layer `start` on, for hidden states the device made with layers < start.
+
+    A shallow copy that shares every parameter and layer of `model` and changes nothing in it: the copy's layer
+    list is layers[start:], its config says so (`with_layers`), and its entry stage is skipped. Modules on the
+    way to a replaced one are copied too (each copy with its own child table), so many views and the model
+    itself can serve at once.
+    """
+    copies: dict[str, nn.Module] = {}  # path -> the view's copy of the module there
+    num_layers = len(model.get_submodule(family.layers))  # type: ignore[arg-type]
+
+    def own(path: str) -> nn.Module:
+        """The view's private copy of the module at `path`, made (with its parents') on first use."""
+        if path in copies:
+            return copies[path]
+        parent_path, _, attr = path.rpartition(".")
+        parent = own(parent_path) if path else None
+        original = model if parent is None else getattr(parent, attr)
+        view = copy.copy(original)
+        view.__dict__.pop("forward", None)  # an instance-level forward (accelerate's hooks) would run the original
+        view._modules = dict(original._modules)  # its own child table: replacing a child leaves the original's
+        if hasattr(view, "config"):
+            view.config = with_layers(view.config, start, num_layers - start)
+        if parent is not None:
+            setattr(parent, attr, view)
+        copies[path] = view
+        return view
+
+    root = own("")
+    parent_path, _, attr = family.layers.rpartition(".")
+    parent = own(parent_path)
+    setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[start:]))
+    for path, how in family.entry:
+        holder_path, _, name = path.rpartition(".")
+        holder = own(holder_path)
+        if getattr(holder, name, None) is not None:
+            setattr(holder, name, _Zero() if how == "zero" else nn.Identity())
+    return root

@@ -69,6 +69,9 @@ def _protocol_flags(p: argparse.ArgumentParser) -> None:
                         f"and it applies them (30-60x fewer bytes, 2 round trips a step) (default {_default('protocol')})")
     p.add_argument("--weights-wire", default=None, choices=WEIGHT_CODECS,
                    help=f"adapter protocol: codec of the LoRA weights and their gradients (default {_default('weights_wire')})")
+    p.add_argument("--edge-layers", type=int, default=None, metavar="K",
+                   help="run the first K decoder blocks (and their LoRA) on this device: the cloud sees their output, "
+                        f"not the input embeddings; costs K blocks of memory here (default {_default('edge_layers')})")
 
 
 def _privacy_flags(p: argparse.ArgumentParser) -> None:

@@ -121,14 +121,15 @@ def run_eval(args: argparse.Namespace, cache: Path, link_config: LinkConfig, max
     else:
         sets = {args.data.stem: load_items(args.data, args.limit)}
     adapter = None
+    edge_layers = getattr(args, "edge_layers", None) or 0  # --edge-layers: blocks run on this device
     if args.adapter is not None:
         acfg = read_adapter_config(args.adapter)
-        edge = EdgeModel(args.model, tuple(acfg.get("target_modules") or ()) or None)
+        edge = EdgeModel(args.model, tuple(acfg.get("target_modules") or ()) or None, edge_layers=edge_layers)
         adapter = LoraAdapter(edge, int(acfg["r"]), float(acfg["lora_alpha"]), 0.0)
         adapter.load(args.adapter)
         adapter.eval()
     else:
-        edge = EdgeModel(args.model)
+        edge = EdgeModel(args.model, edge_layers=edge_layers)
     link = CloudLink(link_config, edge, lora=adapter)
     link.open()
     results = {}

@@ -161,7 +161,7 @@ class CloudLink:
             codec_down=codecs.codec_spec(cfg.codec_down).codec, block_size_down=cfg.int8_block_size,
             client_name=socket.gethostname(),
             warmup_epochs=self.kr.warmup_epochs, budget=self.kr.budget or 0, revive=self.kr.revive,
-            kill_threshold=self.kr.kill_threshold or 0.0,
+            kill_threshold=self.kr.kill_threshold or 0.0, edge_layers=self.edge.edge_layers,
         )
         if self.protocol == "adapter" and self.lora is not None:
             hello.step_protocol = pb.ADAPTER

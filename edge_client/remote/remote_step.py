@@ -7,6 +7,9 @@ come when. `RemoteStep` sends every micro-batch's StepBegin, then answers each c
 - Hidden{h}: the head's callback computes the loss locally and returns dL/dh (HiddenGrad);
 - LoraBackward{dL/d(delta)}: backward through the kept graph, which accumulates dA and dB in the
   LoRA parameters' .grad, and answers dL/dx (LoraGrad);
+- InputGrad{dL/d(StepBegin tensor)} (only with edge layers, `--edge-layers k`, when one of layers
+  0..k-1 takes part in backward): backward through the device's own blocks from the tensor the
+  StepBegin carried, which accumulates their LoRA's dA and dB;
 - StepDone: that micro-batch is finished.
 The link (link.py) only moves and counts the messages.
 
@@ -49,8 +52,11 @@ HeadFn = Callable[[int, torch.Tensor], torch.Tensor | None]
 class MicroBatch:
     """One micro-batch of a step, as it goes up in its StepBegin."""
 
-    embeddings: torch.Tensor  # (b, t, E)
+    embeddings: torch.Tensor  # (b, t, E), or (b, t, H) after the edge's blocks: what the StepBegin carries
     attention_mask: torch.Tensor  # (b, t)
+    # the same tensor attached to the graph of the edge's blocks when they take part in backward: InputGrad is
+    # backpropagated from it (None: nothing on this device below the cloud trains)
+    source: torch.Tensor | None = None
 
 
 class RemoteStep:
@@ -69,6 +75,8 @@ class RemoteStep:
         self._shapes: dict[int, tuple[int, int]] = {}  # micro-batch -> (b, t)
         # (micro-batch, layer, group) -> (x, delta) kept for the backward: the LoRA graph of the step
         self._saved: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.edge_layers = link.edge.edge_layers  # k: layers 0..k-1 run on this device (their LoRA never leaves)
+        self._sources: dict[int, torch.Tensor | None] = {}  # micro-batch -> MicroBatch.source
 
     def run(self, parts: list[MicroBatch]) -> Traffic:
         """Send every micro-batch, answer the cloud until each is done; the step's traffic.
@@ -89,17 +97,21 @@ class RemoteStep:
             link.send(weights.pop(0), self.traffic)
         for mb, part in enumerate(parts):
             self._shapes[mb] = tuple(part.attention_mask.shape)  # type: ignore[assignment]
+            self._sources[mb] = part.source
             msg = pb.EdgeMessage(step_begin=pb.StepBegin(step=self.step, micro_batch=mb, train=self.train,
                                                          layer_roles=self.roles))
             begin = msg.step_begin
             link.send(Frame(msg, {
-                "embeddings": link.encode_into(begin.embeddings, part.embeddings),
+                "embeddings": link.encode_into(begin.embeddings, part.embeddings.detach()),
                 "attention_mask": codecs.encode_into(begin.attention_mask, part.attention_mask, "uint8"),  # 0/1
             }), self.traffic)
             while weights:  # after the first StepBegin: they cross while the cloud runs the first layers
                 link.send(weights.pop(0), self.traffic)
         pending = set(self._shapes)
         grads_due = set(trained)  # adapter: trained modules whose gradients have not come yet
+        # edge layers: the micro-batches whose InputGrad has not come yet (the cloud sends one when any of
+        # layers 0..k-1 takes part in backward)
+        inputs_due = set(pending) if self.train and pb.FORWARD_BACKWARD in self.roles[: self.edge_layers] else set()
         try:
             while pending or grads_due:
                 frame = link.recv(self.traffic)
@@ -120,7 +132,12 @@ class RemoteStep:
                     self._on_hidden(frame, in_background=len(parts) > 1)
                 elif kind == "lora_backward" and not adapter:
                     self._on_lora_backward(frame)
+                elif kind == "input_grad":
+                    self._on_input_grad(frame, inputs_due)
                 elif kind == "step_done":
+                    if mb in inputs_due:
+                        raise ProtocolError(f"cloud finished step {self.step}/{mb} without the InputGrad of its "
+                                            f"{self.edge_layers} edge layers")
                     pending.discard(mb)
                 else:
                     raise ProtocolError(f"cloud sent {kind} in the middle of step {self.step}")
@@ -130,6 +147,7 @@ class RemoteStep:
             return self.traffic
         finally:
             self._saved.clear()
+            self._sources.clear()
 
     # -- the adapter protocol
     def _step_weights(self, micro_batches: int) -> tuple[list[Frame], list[int]]:
@@ -141,6 +159,8 @@ class RemoteStep:
         if self.lora is not None:
             layout = self.lora.layout
             for layer, role in enumerate(self.roles):
+                if layer < self.edge_layers:  # runs on this device, with its LoRA: nothing to send
+                    continue
                 for t in range(layout.per_layer if role != pb.ABSENT else 0):
                     m = layout.module(layer, t)  # = its index in lora.pairs
                     pair = self.lora.pairs[m]
@@ -182,7 +202,8 @@ class RemoteStep:
         body: pb.LoraForward = frame.body
         mb, layer, group = body.micro_batch, body.layer, body.group
         lora = self.lora
-        if lora is None or layer >= len(self.roles) or self.roles[layer] == pb.ABSENT or (layer, group) not in lora.by_group:
+        if (lora is None or layer >= len(self.roles) or layer < self.edge_layers or self.roles[layer] == pb.ABSENT
+                or (layer, group) not in lora.by_group):
             raise ProtocolError(f"cloud asked for LoRA of layer {layer} group {group}, which this step does not apply")
         b, t = self._shapes[mb]
         x = self.link.decode(frame, "x", f"LoraForward layer {layer}", (b, t, lora.group_in_width(layer, group)))
@@ -212,6 +233,19 @@ class RemoteStep:
         dx = x.grad if x.grad is not None else torch.zeros_like(x)  # (b, t, H)
         msg = pb.EdgeMessage(lora_grad=pb.LoraGrad(step=self.step, micro_batch=mb, layer=layer, group=group))
         self.link.send(Frame(msg, {"grad_input": self.link.encode_into(msg.lora_grad.grad_input, dx)}), self.traffic)
+
+    def _on_input_grad(self, frame: Frame, due: set[int]) -> None:
+        """dL/d(the StepBegin's tensor): backward through this device's blocks into their LoRA's .grad."""
+        mb = frame.body.micro_batch
+        if mb not in due:
+            raise ProtocolError(f"cloud sent an InputGrad for step {self.step}/{mb}, which expects none "
+                                f"({self.edge_layers} edge layers; none, or a second one)")
+        due.discard(mb)
+        b, t = self._shapes[mb]
+        grad = self.link.decode(frame, "grad", "InputGrad", (b, t, self.link.edge.up_width))  # (b, t, H)
+        source = self._sources.get(mb)
+        if source is not None and source.requires_grad:
+            torch.autograd.backward(source, grad)
 
     def _on_hidden(self, frame: Frame, in_background: bool) -> None:
         mb = frame.body.micro_batch
@@ -268,6 +302,7 @@ class RemoteStack:
 
         step = RemoteStep(self.link, self.lora, step=self._steps, roles=roles, train=False, head=keep)
         self._steps += 1
-        with torch.no_grad():
-            step.run([MicroBatch(embeddings, attention_mask)])
+        with torch.no_grad():  # with edge layers, the embeddings go through them first
+            up = self.link.edge.above(embeddings, attention_mask, self.lora, roles)  # (B, T, E) or (B, T, H)
+            step.run([MicroBatch(up, attention_mask)])
         return out[0]

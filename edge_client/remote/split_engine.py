@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from common.config import KillMode, TrainConfig
+from common.pb.dlora.v1 import dlora_pb2 as pb
 from common.scheduler import Decision
 from edge_client.remote.link import CloudLink, LinkConfig
 from edge_client.remote.remote_step import MicroBatch, RemoteStep
@@ -26,7 +27,7 @@ class SplitEngine:
 
     def __init__(self, cfg: TrainConfig, edge: EdgeModel | None = None, token: str | None = None) -> None:
         """token: the device token for a cloud that requires one (read by the entry point)."""
-        self.edge = edge or EdgeModel(cfg.model, cfg.targets, cfg.device)
+        self.edge = edge or EdgeModel(cfg.model, cfg.targets, cfg.device, cfg.edge_layers)
         self.tokenizer = self.edge.tokenizer
         self.num_layers = self.edge.num_layers
         self.adapter = LoraAdapter(self.edge, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.seed)
@@ -84,9 +85,10 @@ class SplitEngine:
         labels: list[torch.Tensor] = []
         dev = self.edge.device
         for mb, part in enumerate(batch.split(self.micro_batches)):
+            up = self._up(part, step, mb, roles)  # (b, t, E), or (b, t, H) after the edge layers
             with torch.no_grad():
-                x = self.privacy.inputs(self.edge.embed(part.input_ids.to(dev)), part.attention_mask, step, mb)
-                parts.append(MicroBatch(x, part.attention_mask))  # (b, t, E)
+                x = self.privacy.inputs(up, part.attention_mask, step, mb)
+                parts.append(MicroBatch(x, part.attention_mask, source=up if up.requires_grad else None))
             labels.append(part.labels.to(dev))
         losses: dict[int, float] = {}
 
@@ -100,6 +102,15 @@ class SplitEngine:
         traffic = RemoteStep(self.link, self.adapter, step=step, roles=roles, train=True, head=head,
                              heads=self._heads).run(parts)
         return sum(losses[mb] for mb in sorted(losses)), traffic
+
+    def _up(self, part: Batch, step: int, mb: int, roles: list[int]) -> torch.Tensor:
+        """The tensor micro-batch `mb`'s StepBegin carries (before any noise), computed here and only here: the
+        input embeddings, or with --edge-layers k the hidden states after block k-1, with the autograd graph of
+        the edge's blocks when one of them takes part in backward (InputGrad is backpropagated from it)."""
+        trains = pb.FORWARD_BACKWARD in roles[: self.edge.edge_layers]
+        dev = self.edge.device
+        with torch.set_grad_enabled(trains):
+            return self.edge.up(part.input_ids.to(dev), part.attention_mask.to(dev), self.adapter, roles, (step, mb))
 
     def recover(self) -> None:
         """Reconnect after a broken stream, resuming the same cloud session id."""

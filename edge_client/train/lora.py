@@ -68,6 +68,7 @@ class LoraAdapter(nn.Module):
         self.by_group: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(self.targets):
             self.by_group.setdefault((t.layer, t.group), []).append(i)
+        self.by_target = {(t.layer, t.path): i for i, t in enumerate(self.targets)}  # (layer, path) -> pair index
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for pair in self.pairs:
@@ -81,12 +82,18 @@ class LoraAdapter(nn.Module):
         step: (optimizer step, micro-batch) when training, which keys the dropout masks; None: no dropout.
         Autograd records the graph when grad mode is on (the caller keeps it for the backward).
         """
-        parts = []
-        for i in self.by_group[(layer, group)]:
-            p = self.pairs[i]
-            key = None if step is None else dropout_key(self.seed, step[0], step[1], layer, i % self.per_layer)
-            parts.append(lora_delta(x, p.A, p.B, self.scaling, self.dropout_p, key))  # (B, T, out_i)
+        parts = [self._delta(i, x, step) for i in self.by_group[(layer, group)]]  # (B, T, out_i) each
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def target_delta(self, layer: int, path: str, x: torch.Tensor, step: tuple[int, int] | None) -> torch.Tensor:
+        """s * B(A(dropout(x))) of one target (x (..., in) -> (..., out)), as `delta` computes it for its group:
+        what an edge block's local slot adds (edge_blocks.py)."""
+        return self._delta(self.by_target[(layer, path)], x, step)
+
+    def _delta(self, i: int, x: torch.Tensor, step: tuple[int, int] | None) -> torch.Tensor:
+        p, layer = self.pairs[i], self.targets[i].layer
+        key = None if step is None else dropout_key(self.seed, step[0], step[1], layer, i % self.per_layer)
+        return lora_delta(x, p.A, p.B, self.scaling, self.dropout_p, key)
 
     def group_width(self, layer: int, group: int) -> int:
         return sum(self.targets[i].out_features for i in self.by_group[(layer, group)])

@@ -1,4 +1,5 @@
-"""What the device holds of the base model: tokenizer, input embedding and output head. Nothing else.
+"""What the device holds of the base model: tokenizer, input embedding and output head; with
+`--edge-layers k` also decoder blocks 0..k-1 (edge_blocks.py). Nothing else.
 
 The full architecture is instantiated on the `meta` device only to read names and shapes (which
 modules are targets, their widths, where the embedding and head live); meta tensors have no
@@ -11,14 +12,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.errors import ConfigError, first_line
-from common.families import Family, family_of, linear_shape, max_positions, resolve_targets, target_groups
+from common.families import (
+    Family,
+    family_of,
+    hidden_width,
+    linear_shape,
+    max_positions,
+    resolve_targets,
+    target_groups,
+)
 from common.model_files import find_tensor, fingerprint, load_config, read_tensors, tensor_index
+from common.pb.dlora.v1 import dlora_pb2 as pb
+from edge_client.train.edge_blocks import EdgeBlocks
+
+if TYPE_CHECKING:
+    from edge_client.train.lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +51,30 @@ class Target:
 
 
 class EdgeModel:
-    """Tokenizer, embedding and head of a model folder, plus the LoRA target layout.
+    """Tokenizer, embedding and head of a model folder (and its first `edge_layers` decoder blocks), plus the
+    LoRA target layout.
 
     Raises:
-        ConfigError: the folder is unusable, the architecture unsupported, a target unknown, or
-            the tokenizer or the embedding/head weights are missing.
+        ConfigError: the folder is unusable, the architecture unsupported, a target unknown, edge_layers
+            out of range (checked before anything is loaded), or the tokenizer or weights are missing.
     """
 
-    def __init__(self, model_dir: Path, targets: tuple[str, ...] | None = None, device: str = "cpu") -> None:
+    def __init__(self, model_dir: Path, targets: tuple[str, ...] | None = None, device: str = "cpu",
+                 edge_layers: int = 0) -> None:
+        """edge_layers: k, the decoder blocks this device runs itself (--edge-layers); 0 <= k < the model's layers."""
         self.model_dir = Path(model_dir)
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: this machine has no usable CUDA device; use --device cpu")
         self.device = torch.device(device)
         self.config = load_config(self.model_dir)
         self.family: Family = family_of(self.config.model_type)
+        total = int(self.config.num_hidden_layers)
+        if edge_layers < 0:
+            raise ConfigError(f"--edge-layers={edge_layers}: must be >= 0")
+        if edge_layers >= total:
+            raise ConfigError(f"--edge-layers={edge_layers}: the {self.config.model_type} model in {self.model_dir} "
+                              f"has {total} decoder layers and the cloud needs at least one; use 0..{total - 1}")
+        self.edge_layers = edge_layers
         self.target_paths = resolve_targets(self.family, targets)
         self.groups = target_groups(self.family, self.target_paths)
         index = tensor_index(self.model_dir)
@@ -87,6 +112,12 @@ class EdgeModel:
         self.max_positions: int | None = max_positions(self.config)
         self.embed_width = int(self.embedding.weight.shape[1])
         self.head_width = int(self.head.weight.shape[1])
+        # blocks 0..k-1 (None: k = 0); what goes up is then their output, H wide, not the embeddings
+        self.blocks: EdgeBlocks | None = None
+        if edge_layers:
+            self.blocks = EdgeBlocks(self.config, self.family, edge_layers, self.groups, index, str(self.model_dir),
+                                     self.device)
+        self.up_width = hidden_width(self.config) if edge_layers else self.embed_width
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         try:
@@ -141,6 +172,28 @@ class EdgeModel:
         """(B, T, E_out) final hidden states -> (B, T, V) logits."""
         return self.head(hidden)
 
+    def up(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lora: LoraAdapter | None = None,
+           roles: list[int] | None = None, step: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> what a StepBegin carries: the input embeddings (B, T, E), or with edge layers the
+        hidden states after block k-1 (B, T, H), LoRA applied where `roles` says (EdgeBlocks.run)."""
+        return self.above(self.embed(input_ids), attention_mask, lora, roles, step)
+
+    def above(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, lora: LoraAdapter | None = None,
+              roles: list[int] | None = None, step: tuple[int, int] | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, E) through the edge's blocks, if it has any (else they go up as they are)."""
+        if self.blocks is None:
+            return embeddings
+        return self.blocks.run(embeddings, attention_mask, lora, roles or [pb.ABSENT] * self.num_layers, step)
+
     def modules_on_device(self) -> dict[str, nn.Module]:
         """Every torch module this process holds of the base model (for the no-decoder-blocks test)."""
-        return {"embedding": self.embedding, "head": self.head}
+        return {"embedding": self.embedding, "head": self.head, **({"blocks": self.blocks} if self.blocks else {})}
+
+    def resident_bytes(self) -> int:
+        """Bytes of the base model's tensors this device holds (embedding, head, edge blocks; a tied head once),
+        LoRA and optimizer state not included."""
+        seen: dict[int, int] = {}
+        for module in self.modules_on_device().values():
+            for t in (*module.parameters(), *module.buffers()):
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())

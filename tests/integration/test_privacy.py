@@ -55,6 +55,27 @@ def test_edge_materialises_no_decoder_block(tiny_dir):
     assert not any(isinstance(o, torch.nn.ModuleList) for o in gc.get_objects() if id(o) not in lists_before)
 
 
+def test_edge_materialises_only_its_edge_layers(tiny_dir):
+    """--edge-layers 1 of 3: besides the embedding and head, the edge holds block 0's tensors and no others (no
+    other block, no final norm, no second embedding table)."""
+    model_dir = tiny_dir("llama")
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    lists_before = {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.ModuleList)}
+    edge = EdgeModel(model_dir, edge_layers=1)
+    gc.collect()
+    new = [
+        o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before and o.device.type != "meta"
+    ]
+    held = {id(t) for m in edge.modules_on_device().values() for t in (*m.parameters(), *m.buffers())}
+    others = [t for t in new if id(t) not in held and t.numel() > 64]
+    assert others == [], [tuple(t.shape) for t in others]
+    blocks = [n for n, _ in edge.modules_on_device()["blocks"].named_parameters()]
+    assert blocks and all(n.startswith("model.layers.0.") for n in blocks), blocks
+    lists = [o for o in gc.get_objects() if isinstance(o, torch.nn.ModuleList) and id(o) not in lists_before]
+    assert [len(x) for x in lists] == [1]  # the device's decoder layers: exactly one block
+
+
 @pytest.mark.parametrize("protocol", ["layerwise", "adapter"])
 def test_what_crosses_the_wire_per_protocol(protocol, tiny_dir, cloud, data_file, tmp_path):
     """Everything the cloud receives in one training step, recorded by a real gRPC hop in between.

@@ -53,7 +53,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scales: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name", "warmup_epochs", "budget", "revive", "kill_threshold", "step_protocol", "lora_rank", "lora_alpha", "lora_dropout", "dropout_seed", "codec_weights")
+    __slots__ = ("protocol", "model_fingerprint", "session_id", "targets", "codec_up", "codec_down", "block_size_down", "client_name", "warmup_epochs", "budget", "revive", "kill_threshold", "step_protocol", "lora_rank", "lora_alpha", "lora_dropout", "dropout_seed", "codec_weights", "edge_layers")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Hello(_message.Message):
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     CODEC_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     model_fingerprint: str
     session_id: str
@@ -90,7 +91,8 @@ class Hello(_message.Message):
     lora_dropout: float
     dropout_seed: int
     codec_weights: Codec
-    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ..., step_protocol: _Optional[_Union[StepProtocol, str]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., codec_weights: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    edge_layers: int
+    def __init__(self, protocol: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., codec_up: _Optional[_Union[Codec, str]] = ..., codec_down: _Optional[_Union[Codec, str]] = ..., block_size_down: _Optional[int] = ..., client_name: _Optional[str] = ..., warmup_epochs: _Optional[int] = ..., budget: _Optional[int] = ..., revive: _Optional[int] = ..., kill_threshold: _Optional[float] = ..., step_protocol: _Optional[_Union[StepProtocol, str]] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., codec_weights: _Optional[_Union[Codec, str]] = ..., edge_layers: _Optional[int] = ...) -> None: ...
 
 class StepWeights(_message.Message):
     __slots__ = ("step", "micro_batches", "train", "modules", "weights", "trained", "more")
@@ -268,6 +270,16 @@ class StepError(_message.Message):
     message: str
     def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class InputGrad(_message.Message):
+    __slots__ = ("step", "micro_batch", "grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro_batch: int
+    grad: Tensor
+    def __init__(self, step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class LoraGrads(_message.Message):
     __slots__ = ("step", "modules", "grads")
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -293,7 +305,7 @@ class KRCommand(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., active: _Optional[_Iterable[int]] = ..., killed: _Optional[_Iterable[int]] = ..., revived: _Optional[_Iterable[int]] = ..., next_active: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error", "kr_command", "lora_grads")
+    __slots__ = ("welcome", "lora_forward", "hidden", "lora_backward", "step_done", "step_error", "kr_command", "lora_grads", "input_grad")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LORA_FORWARD_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +314,7 @@ class CloudMessage(_message.Message):
     STEP_ERROR_FIELD_NUMBER: _ClassVar[int]
     KR_COMMAND_FIELD_NUMBER: _ClassVar[int]
     LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     lora_forward: LoraForward
     hidden: Hidden
@@ -310,7 +323,8 @@ class CloudMessage(_message.Message):
     step_error: StepError
     kr_command: KRCommand
     lora_grads: LoraGrads
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ..., kr_command: _Optional[_Union[KRCommand, _Mapping]] = ..., lora_grads: _Optional[_Union[LoraGrads, _Mapping]] = ...) -> None: ...
+    input_grad: InputGrad
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_forward: _Optional[_Union[LoraForward, _Mapping]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., lora_backward: _Optional[_Union[LoraBackward, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., step_error: _Optional[_Union[StepError, _Mapping]] = ..., kr_command: _Optional[_Union[KRCommand, _Mapping]] = ..., lora_grads: _Optional[_Union[LoraGrads, _Mapping]] = ..., input_grad: _Optional[_Union[InputGrad, _Mapping]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
