@@ -397,3 +397,125 @@ def test_kill_and_revive_spans_the_edge_layers(protocol, mode, tiny_dir, cloud, 
     actives = [set(d["next_active"]) for d in split]
     assert any(a & {0, 1} for a in actives) and any(a & {2, 3} for a in actives), actives
     assert any(d["revived"] for d in split)
+
+
+# -- evaluation, and a device-mapped cloud
+
+
+def test_eval_through_edge_layers_equals_the_whole_cloud(tiny_dir, cloud, tmp_path):
+    """RemoteStack (dlora eval's forward) with --edge-layers 1 of 3, in both protocols, with an adapter of
+    non-zero B: the final hidden states equal those of the whole stack on the cloud (k = 0) to float32
+    round-off (the same operations; the cloud adds some deltas in another order), and differ from the base
+    model's; `dlora eval --edge-layers 1` scores as `dlora eval` does."""
+    import json
+
+    from edge_client.remote.link import CloudLink, LinkConfig
+    from edge_client.remote.remote_step import RemoteStack
+    from edge_client.train.lora import LoraAdapter
+
+    model_dir = tiny_dir("llama", layers=3)
+    address = cloud(model_dir)
+    hidden = {}
+    for k in (0, 1):
+        edge = EdgeModel(model_dir, ("q_proj", "v_proj"), edge_layers=k)
+        adapter = LoraAdapter(edge, 4, 8.0, 0.0, seed=1)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for pair in adapter.pairs:
+                pair.B.copy_(0.5 * torch.randn(pair.B.shape, generator=gen))
+        if k == 0:
+            adapter.save(tmp_path / "adapter")
+        ids = torch.tensor([edge.tokenizer("The cat sat on the mat.")["input_ids"]])
+        for protocol, lora in (("layerwise", adapter), ("adapter", adapter), ("base", None)):
+            link = CloudLink(
+                LinkConfig(
+                    address=address,
+                    codec_up="float32",
+                    codec_down="float32",
+                    protocol="adapter" if protocol == "adapter" else "layerwise",
+                ),
+                edge,
+                lora=lora,
+            )
+            link.open()
+            roles = [pb.FORWARD if lora is not None else pb.ABSENT] * edge.num_layers
+            hidden[(k, protocol)] = RemoteStack(link, lora).forward(edge.embed(ids), torch.ones_like(ids), roles)
+            link.close()
+    ref = hidden[(0, "layerwise")]
+    for key, h in hidden.items():
+        want = hidden[(0, "base")] if key[1] == "base" else ref
+        torch.testing.assert_close(
+            h, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=lambda m, key=key: f"{key}: {m}"
+        )
+    assert not torch.allclose(hidden[(1, "layerwise")], hidden[(1, "base")], atol=1e-3)
+    data = tmp_path / "mc.jsonl"
+    data.write_text('{"prompt": "The cat", "choices": [" sat", " flew", " ran"], "answer": 0}\n' * 3)
+    scores = {}
+    for extra in ([], ["--edge-layers", "1"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert (
+            dlora_main(
+                [
+                    "eval",
+                    "--cloud",
+                    address,
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    str(data),
+                    "--adapter",
+                    str(tmp_path / "adapter"),
+                    "--json",
+                    str(out),
+                    "--no-progress",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        scores[len(extra)] = json.loads(out.read_text())
+    assert scores[0] == scores[2]
+
+
+def test_device_mapped_cloud_from_layer_k(tiny_dir, redis_url, data_file, tmp_path):
+    """`serve --device-map auto` (here all on the CPU) serving an --edge-layers 1 session computes what the
+    default stack computes (test_device_map's tolerances: the same float32 operations, another alignment)."""
+    from cloud_server.server import CloudServer
+    from cloud_server.stack import DecoderStack
+    from common.config import ServeConfig, TrainConfig
+    from edge_client.train.data import collate, load_examples
+
+    model_dir = tiny_dir("llama", layers=2)
+    servers = [
+        CloudServer(stack, ServeConfig(model=model_dir, redis_url=redis_url))
+        for stack in (DecoderStack(model_dir), DecoderStack(model_dir, device_map="auto"))
+    ]
+    results = []
+    try:
+        for server in servers:
+            split = SplitEngine(
+                TrainConfig(
+                    model=model_dir,
+                    data=data_file,
+                    output=tmp_path,
+                    edge_layers=1,
+                    cloud=f"127.0.0.1:{server.port}",
+                    progress=False,
+                    micro_batches=2,
+                )
+            )
+            with torch.no_grad():
+                for pair in split.adapter.pairs:
+                    pair.B.fill_(0.01)
+            batch = collate(load_examples(data_file, split.tokenizer, 64)[:4], split.tokenizer.pad_token_id)
+            loss, _ = split.train_step(batch, 0, [pb.FORWARD_BACKWARD] * 2)
+            results.append((loss, [p.grad.clone() for p in split.parameters()]))
+            split.close()
+    finally:
+        for server in servers:
+            server.stop(0)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert all(bool(b.any()) for b in grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5 * float(b.abs().max()))
