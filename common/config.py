@@ -169,6 +169,18 @@ class TrainConfig(_Frozen):
         return self.wire_down or self.wire
 
 
+class AttackConfig(_Frozen):
+    """`dlora attack`'s own settings (the victim's training settings are a TrainConfig)."""
+
+    public: Path  # JSONL of the attacker's own text (another public source): the shadow session that trains the probes
+    victim_items: int = Field(16, ge=2)  # first lines of --data the victim trains on (what the cloud records)
+    heldout_items: int = Field(32, ge=1)  # the next lines: the victim's held-out text, scoring the stolen adapter only
+    public_items: int = Field(96, ge=16)  # lines of --public the shadow session sends (more text: stronger probes)
+    mlp_steps: int = Field(300, ge=0)  # AdamW steps of each MLP probe; 0: ridge and nearest row only
+    mlp_every: int = Field(4, ge=1)  # the MLP probe runs on whole-model tensors and on every Nth layer (+ first, last)
+    keep_recording: bool = False  # keep the cloud's recording in --output (it holds the victim's text, in effect)
+
+
 def field_default(config: type[BaseModel], name: str) -> Any:
     """The default a config gives a field: what a flag left unset means, and what its --help says."""
     return config.model_fields[name].default

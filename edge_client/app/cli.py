@@ -24,15 +24,22 @@ from common.config import (
     ServeConfig,
     TrainConfig,
     check_int8_block_size,
-    field_default,
     flag_error,
 )
 from common.errors import ConfigError, DloraError, RemoteError
 from common.tls import add_client_flags, client_tls
 from common.tuning import tune_process
-from common.wire.protocol import WIRE_CODECS
 from edge_client.app.control import COMMANDS as CONTROL_COMMANDS
 from edge_client.app.control import add_control_commands, run_control
+from edge_client.app.train_flags import default as _default
+from edge_client.app.train_flags import (
+    kill_revive_flags,
+    lora_flags,
+    privacy_flags,
+    protocol_flags,
+    wire_flags,
+)
+from edge_client.attack.flags import add_attack_flags
 from edge_client.tools.bench_worker import BenchSpec
 
 log = logging.getLogger("dlora")
@@ -42,61 +49,17 @@ def default_cache() -> Path:
     return Path(os.environ.get("DLORA_CACHE", Path.home() / ".cache" / "dlora"))
 
 
-def _default(name: str, config: type[TrainConfig] | type[ServeConfig] = TrainConfig) -> Any:
-    """What a flag left unset (None) means: the config field's default, the one owner of that fact."""
-    return field_default(config, name)
-
-
 def _given(value: Any, name: str) -> Any:
     """A flag's value, or its config field's default where it was left unset (eval and bench have no config)."""
     return _default(name) if value is None else value
-
-
-def _wire_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wire", default=None, choices=WIRE_CODECS,
-                   help=f"codec for activations and gradients on the wire (default {_default('wire')})")
-    p.add_argument("--wire-up", default=None, choices=WIRE_CODECS,
-                   help="codec of what this device sends (default: --wire); e.g. int8 on a slow uplink")
-    p.add_argument("--wire-down", default=None, choices=WIRE_CODECS, help="codec of what the cloud sends (default: --wire)")
-    p.add_argument("--int8-block-size", type=int, default=None,
-                   help=f"int8: elements per absmax scale, both directions (default {_default('int8_block_size')})")
-
-
-def _protocol_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protocol", default=None, choices=STEP_PROTOCOLS,
-                   help="layerwise: LoRA runs on this device, the cloud asks for each layer's delta (the paper's protocol; "
-                        "the LoRA weights never leave the device); adapter: the LoRA weights go to the cloud once per step "
-                        f"and it applies them (30-60x fewer bytes, 2 round trips a step) (default {_default('protocol')})")
-    p.add_argument("--weights-wire", default=None, choices=WEIGHT_CODECS,
-                   help=f"adapter protocol: codec of the LoRA weights and their gradients (default {_default('weights_wire')})")
-    p.add_argument("--edge-layers", type=int, default=None, metavar="K",
-                   help="run the first K decoder blocks (and their LoRA) on this device: the cloud sees their output, "
-                        f"not the input embeddings; costs K blocks of memory here (default {_default('edge_layers')})")
-
-
-def _privacy_flags(p: argparse.ArgumentParser) -> None:
-    """Noise on what `dlora train` sends up (edge_client/train/privacy.py; its docstring: what it guarantees)."""
-    p.add_argument("--privacy-noise", type=float, default=None, metavar="SIGMA",
-                   help="train: clip each token row of the input embeddings sent up to norm --privacy-clip C and add "
-                        f"N(0, (SIGMA x C)^2) per coordinate (default {_default('privacy_noise'):g}: off)")
-    p.add_argument("--privacy-clip", type=float, default=None, metavar="C",
-                   help="train: L2 norm each input-embedding row is clipped to (default: no clipping)")
-    p.add_argument("--grad-noise", type=float, default=None, metavar="SIGMA",
-                   help="train: the same on dL/dh, the gradient sent up, which otherwise gives the labels away; it "
-                        f"changes training (default {_default('grad_noise'):g}: off)")
-    p.add_argument("--grad-clip", type=float, default=None, metavar="C",
-                   help="train: L2 norm each dL/dh row is clipped to (default: no clipping)")
-    p.add_argument("--noise-seed", type=int, default=None,
-                   help="train: keys the noise, for a reproducible run; keep it secret: the cloud could subtract "
-                        "the noise with it (default: a fresh random secret per process)")
 
 
 def _split_flags(p: argparse.ArgumentParser) -> None:
     """`dlora train`'s flags that local-train lacks: the cloud and the link to it."""
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of `dlora-cloud serve`")
     add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key
-    _wire_flags(p)
-    _protocol_flags(p)
+    wire_flags(p)
+    protocol_flags(p)
     p.add_argument("--connect-timeout", type=float, default=None,
                    help=f"seconds to reach the cloud (default {_default('connect_timeout_s'):g})")
     p.add_argument("--reply-timeout", type=float, default=None,
@@ -112,51 +75,18 @@ def _token_flag(p: argparse.ArgumentParser) -> None:
                         "never the token itself as a flag: it would show in ps)")
 
 
-def _lora_flags(p: argparse.ArgumentParser) -> None:
-    """The adapter and its optimizer."""
-    p.add_argument("--epochs", type=int, default=None, help=f"default {_default('epochs')} (the paper's Table 6)")
-    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank r (default {_default('rank')})")
-    p.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha; scaling = alpha / r (default {_default('alpha'):g})")
-    p.add_argument("--lora-dropout", type=float, default=None,
-                   help=f"dropout on the LoRA input (default {_default('lora_dropout'):g})")
-    p.add_argument("--targets", default=None, help="comma-separated target modules (default: PEFT's for the family)")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {_default('lr'):g})")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {_default('weight_decay'):g})")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warm-up steps before the cosine decay (default {_default('warmup_steps')})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"examples per optimizer step (default {_default('batch_size')})")
-    p.add_argument("--max-length", type=int, default=None,
-                   help=f"tokens per example, longer ones truncated (default {_default('max_length')})")
-    p.add_argument("--seed", type=int, default=None, help=f"seeds LoRA init, data order and dropout (default {_default('seed')})")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the data file's order")
-
-
-def _kill_revive_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help=f"Kill-and-Revive: epochs with every module trained (default {_default('warmup_epochs')})")
-    p.add_argument("--budget", default=None,  # the config's None: every layer
-                   help="Kill-and-Revive: modules (layers) trained after warm-up, N or all (default all)")
-    p.add_argument("--revive", type=int, default=None,
-                   help=f"Kill-and-Revive: modules swapped each later epoch (default {_default('revive')})")
-    p.add_argument("--kill-threshold", type=float, default=None,  # the config's None: off
-                   help="Early-Kill: kill modules whose change is below X times the mean (default off)")
-    p.add_argument("--kill-mode", default=None, choices=KILL_MODES,
-                   help=f"what a killed module costs: frozen (delta + gradient path), detached (delta only), "
-                        f"dropped (nothing) (default {_default('kill_mode')})")
-
-
 def _train_flags(p: argparse.ArgumentParser, split: bool) -> None:
     if split:
         _split_flags(p)
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (config, tokenizer, safetensors)")
     p.add_argument("--data", required=True, type=Path, help='JSONL: {"text"} or {"prompt", "completion"} per line')
     p.add_argument("--output", required=True, type=Path, help="folder for the PEFT adapter and metrics.jsonl")
-    _lora_flags(p)
+    lora_flags(p)
     p.add_argument("--micro-batches", type=int, default=None,
                    help="split each batch into M micro-batches: they overlap on the wire (train), they accumulate "
                         f"gradients (local-train); the same dropout masks either way (default {_default('micro_batches')})")
-    _kill_revive_flags(p)
-    _privacy_flags(p)  # local-train has them to refuse them with one line (it sends nothing up)
+    kill_revive_flags(p)
+    privacy_flags(p)  # local-train has them to refuse them with one line (it sends nothing up)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, choices=DEVICES,
@@ -183,8 +113,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per scored sequence (default {_default('max_length')})")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _wire_flags(p)
-    _protocol_flags(p)
+    wire_flags(p)
+    protocol_flags(p)
     _token_flag(p)
 
 
@@ -262,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     _prepare_flags(sub.add_parser("prepare", help="make the offline real model or a task ready in the cache"))
     _bench_flags(sub.add_parser("bench", help="measure the split against local PEFT training, the two stepping in turn"))
     _demo_flags(sub.add_parser("demo", help="start a local cloud and fine-tune SmolLM2-135M on a real task"))
+    add_attack_flags(sub.add_parser("attack", help="measure what a curious cloud recovers from a session (docs/privacy.md)"))
     return p
 
 
@@ -366,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _eval(args)
             if args.command == "prepare":
                 return _prepare(args)
+            if args.command == "attack":
+                from edge_client.attack.command import run_attack_command
+
+                return run_attack_command(args, train_config)
             if args.command in CONTROL_COMMANDS:
                 return run_control(args)
             if args.command == "report":

@@ -86,9 +86,9 @@ class SplitEngine:
         dev = self.edge.device
         for mb, part in enumerate(batch.split(self.micro_batches)):
             up = self._up(part, step, mb, roles)  # (b, t, E), or (b, t, H) after the edge layers
-            with torch.no_grad():
-                x = self.privacy.inputs(up, part.attention_mask, step, mb)
-                parts.append(MicroBatch(x, part.attention_mask, source=up if up.requires_grad else None))
+            # noised in the graph: InputGrad reaches the edge's blocks through the clipping's own Jacobian
+            x = self.privacy.inputs(up, part.attention_mask, step, mb)
+            parts.append(MicroBatch(x.detach(), part.attention_mask, source=x if x.requires_grad else None))
             labels.append(part.labels.to(dev))
         losses: dict[int, float] = {}
 

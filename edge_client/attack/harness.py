@@ -1,0 +1,364 @@
+"""`dlora attack`: what a curious cloud can recover, measured on a real session it recorded.
+
+1. Start a loopback `dlora-cloud serve --record` (the curious operator's view, docs/privacy.md).
+2. The victim: a real `dlora train` session on the first --victim-items lines of --data, with the
+   defences under test. A witness notes each micro-batch's true tokens, for scoring only.
+3. The shadow: the attacker's own session on --public text (disjoint from the victim's, checked), through
+   the same cloud with the same defence and settings: the attacker knows the defence (sigma, clip, k).
+   Its recording trains the probes (edge_client/attack/probes.py).
+4. Attacks on the victim's recording: token recovery (nearest row, ridge, MLP) on every tensor that
+   crossed; the same after averaging each text's views over the epochs (fresh noise each epoch averages
+   out); next tokens from HiddenGrad; the adapter (edge_client/attack/stolen_adapter.py).
+5. report.json and report.md in --output (edge_client/attack/report.py renders them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from tqdm import tqdm
+
+from common.config import AttackConfig, TrainConfig
+from common.errors import ConfigError
+from common.recording import RecordedMicroBatch, load_session
+from edge_client.attack.probes import MlpProbe, RidgeProbe, clip_rows, nearest_row, trr
+from edge_client.attack.recovery import recover_labels, relative_gain
+from edge_client.attack.stolen_adapter import heldout_losses, save_adapter, steal_adapter
+from edge_client.remote.split_engine import SplitEngine
+from edge_client.tools.cloud_process import CloudProcess
+from edge_client.train.data import IGNORE, Batch, Example, load_examples, read_jsonl, steps_per_epoch
+from edge_client.train.engines import Engine
+from edge_client.train.model_parts import EdgeModel
+from edge_client.train.trainer import train
+
+log = logging.getLogger(__name__)
+GRADIENT_KINDS = ("hidden_grad", "lora_grad_output", "lora_grad_input", "input_grad")
+NOT_ATTACKED = ("attention_mask", "lora_A", "lora_B")  # the mask is public shape; weights: the adapter attack
+
+
+class _Witness:
+    """An engine that notes each micro-batch's tokens as it sends them (the victim's own knowledge,
+    used only to score the attacks)."""
+
+    def __init__(self, engine: SplitEngine, micro_batches: int) -> None:
+        self._engine, self._m = engine, micro_batches
+        self.parts: dict[tuple[int, int], Batch] = {}
+
+    def train_step(self, batch: Batch, step: int, roles: list[int]) -> Any:
+        for mb, part in enumerate(batch.split(self._m)):
+            self.parts[(step, mb)] = part
+        return self._engine.train_step(batch, step, roles)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@dataclass
+class Session:
+    """One recorded session and what the device knew of it."""
+
+    mbs: list[RecordedMicroBatch]
+    parts: dict[tuple[int, int], Batch]
+    metrics: list[dict]
+    device_bytes: int
+    per_epoch: int
+
+    def recorded(self) -> Iterator[tuple[RecordedMicroBatch, Batch]]:
+        for m in self.mbs:
+            part = self.parts.get((m.step, m.micro_batch))
+            if part is not None and m.meta["train"]:
+                yield m, part
+
+
+def split_texts(cfg: TrainConfig, ac: AttackConfig, out: Path) -> tuple[Path, Path, Path]:
+    """victim.jsonl, heldout.jsonl (both from --data) and public.jsonl (from --public, minus any line whose
+    text the victim's lines also hold) in out/data.
+
+    Raises:
+        ConfigError: too few lines for --victim-items + --heldout-items, or no public line left.
+    """
+    fields = (("text",), ("prompt", "completion"))
+    private = read_jsonl(cfg.data, fields)
+    public = read_jsonl(ac.public, fields)
+    need = ac.victim_items + ac.heldout_items
+    if len(private) < need:
+        raise ConfigError(f"--data {cfg.data}: has {len(private)} examples; --victim-items + --heldout-items need {need}")
+    seen = {_text(r) for r in private}
+    public = [r for r in public if _text(r) not in seen][: ac.public_items]
+    if len(public) < 2:
+        raise ConfigError(f"--public {ac.public}: fewer than 2 examples that --data does not also hold; use other text")
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in (("victim", private[: ac.victim_items]), ("heldout", private[ac.victim_items : need]),
+                       ("public", public)):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
+
+
+def _text(row: dict) -> str:
+    return row["text"] if "text" in row else row["prompt"] + row["completion"]
+
+
+def run_session(cfg: TrainConfig) -> tuple[SplitEngine, _Witness, Any]:
+    engine = SplitEngine(cfg)
+    witness = _Witness(engine, cfg.micro_batches)
+    try:
+        result = train(cfg, cast(Engine, witness))
+    finally:
+        engine.close()
+    return engine, witness, result
+
+
+def record_sessions(cfg: TrainConfig, ac: AttackConfig, out: Path) -> tuple[Session, Session, Path]:
+    """Run the victim and the shadow through one recording cloud; their recordings and the held-out file."""
+    victim_data, heldout, public = split_texts(cfg, ac, out)
+    rec = out / "recording"
+    rec.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rec.chmod(0o700)
+    n_public = len(read_jsonl(public, (("text",), ("prompt", "completion"))))
+    victim_cfg = cfg.model_copy(update={"data": victim_data, "output": out / "victim"})
+    shadow_cfg = cfg.model_copy(update={"data": public, "output": out / "shadow", "seed": cfg.seed + 1, "epochs": 1})
+    steps = max(cfg.epochs * steps_per_epoch(ac.victim_items, cfg.batch_size), steps_per_epoch(n_public, cfg.batch_size))
+    cloud = CloudProcess(cfg.model, extra=["--record", str(rec), "--record-steps", str(steps),
+                                           "--state-dir", str(out / "cloud-state")])
+    sessions = []
+    try:
+        for scfg, n in ((victim_cfg, ac.victim_items), (shadow_cfg, n_public)):
+            engine, witness, _ = run_session(scfg.model_copy(update={"cloud": cloud.address}))
+            metrics = [json.loads(line) for line in (scfg.output / "metrics.jsonl").read_text().splitlines()]
+            sessions.append(Session(load_session(rec, engine.session_id), witness.parts, metrics,
+                                    device_bytes(engine), steps_per_epoch(n, scfg.batch_size)))
+    finally:
+        cloud.stop()
+    return sessions[0], sessions[1], heldout
+
+
+def device_bytes(engine: SplitEngine) -> int:
+    """Bytes of every tensor the device holds for training: the base model's parts it runs, and the LoRA."""
+    tensors = {id(p): p for m in engine.edge.modules_on_device().values() for p in m.parameters()}
+    tensors.update({id(p): p for p in engine.parameters()})
+    return sum(p.numel() * p.element_size() for p in tensors.values())
+
+
+# -- rows: one token position of one recorded tensor
+def positions(name: str, part: Batch) -> torch.Tensor:
+    """(B, T) bool: where a tensor's rows are scored. Forward tensors: every token. HiddenGrad: the rows
+    that carry a loss (the next token has a label); its other rows are exactly zero. Other gradients:
+    every token (the loss reaches them through attention)."""
+    mask = part.attention_mask.bool()
+    if name == "hidden_grad":
+        loss = torch.zeros_like(mask)
+        loss[:, :-1] = part.labels[:, 1:] != IGNORE
+        return loss
+    return mask
+
+
+def rows(session: Session, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) rows of tensor `name` over the session's recorded training micro-batches, and the true token
+    at each position (N,)."""
+    xs, ids = [], []
+    for m, part in session.recorded():
+        if name not in m.tensors:
+            continue
+        keep = positions(name, part)
+        xs.append(m.tensors[name][keep])
+        ids.append(part.input_ids[keep])
+    if not xs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ids)
+
+
+def tensor_names(session: Session) -> list[str]:
+    names: set[str] = set()
+    for m, _ in session.recorded():
+        names.update(n for n in m.tensors if n.split(".")[0] not in NOT_ATTACKED)
+    return sorted(names, key=_order)
+
+
+def _order(name: str) -> tuple[int, int, int, str]:
+    kinds = ["step_begin", "lora_x", "lora_delta", "hidden", "hidden_grad", "lora_grad_output", "lora_grad_input",
+             "input_grad"]
+    parts = name.split(".")
+    kind = kinds.index(parts[0]) if parts[0] in kinds else len(kinds)
+    return (int(parts[1]) if len(parts) > 1 else -1, int(parts[2]) if len(parts) > 2 else -1, kind, name)
+
+
+def mlp_wanted(name: str, first: int, last: int, every: int) -> bool:
+    """The MLP probe runs on every whole-model tensor and on the layers first, last and every `every`-th."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return True
+    layer = int(parts[1])
+    return layer in (first, last) or layer % every == 0
+
+
+def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainConfig, ac: AttackConfig,
+                  bar: Callable[[str], None]) -> dict[str, dict]:
+    """TRR of each attack on every recorded tensor: {name: {rows, nearest, ridge, mlp}} (None: not run)."""
+    table = edge.embedding.weight.detach().float()
+    clipped = clip_rows(table, cfg.privacy_clip)  # what the device's clipped rows look like without noise
+    layers = [int(n.split(".")[1]) for n in tensor_names(victim) if "." in n]
+    first, last = (min(layers), max(layers)) if layers else (0, 0)
+    out: dict[str, dict] = {}
+    for name in tensor_names(victim):
+        bar(name)
+        xv, tv = rows(victim, name)
+        xs, ts = rows(shadow, name)
+        entry: dict[str, Any] = {"rows": int(len(tv)), "nearest": None, "ridge": None, "mlp": None}
+        if len(tv) == 0:
+            continue
+        if xv.shape[1] == table.shape[1]:
+            entry["nearest"] = trr(nearest_row(xv, clipped), tv)
+        if len(ts) >= 16 and xs.shape[1] == xv.shape[1]:
+            entry["ridge"] = trr(RidgeProbe(table).fit(xs, ts, cfg.seed).predict(xv), tv)
+            if ac.mlp_steps and mlp_wanted(name, first, last, ac.mlp_every):
+                entry["mlp"] = trr(MlpProbe(table, steps=ac.mlp_steps).fit(xs, ts, cfg.seed).predict(xv), tv)
+        out[name] = entry
+    return out
+
+
+# -- the same text over several epochs
+def match_views(victim: Session) -> list[list[tuple[int, int]]]:
+    """The attacker's grouping of the victim's sequences across epochs: each group is [(file index, row)],
+    one per epoch, matched by token count and then by the nearest StepBegin rows to the first epoch's.
+    Built from what the cloud sees only (the mask and step_begin), never from the truth."""
+    seqs = []  # (file index, row, epoch, length, flat step_begin rows)
+    for i, m in enumerate(victim.mbs):
+        if not m.meta["train"] or "step_begin" not in m.tensors:
+            continue
+        lengths = m.tensors["attention_mask"].sum(dim=1).tolist()
+        for b, n in enumerate(lengths):
+            n = int(n)
+            seqs.append((i, b, m.step // victim.per_epoch, n, m.tensors["step_begin"][b, :n].reshape(-1)))
+    anchors = [s for s in seqs if s[2] == 0]
+    groups = {(a[0], a[1]): [(a[0], a[1])] for a in anchors}
+    for s in seqs:
+        if s[2] == 0:
+            continue
+        same = [a for a in anchors if a[3] == s[3]]
+        if not same:
+            continue
+        best = min(same, key=lambda a: float((a[4] - s[4]).square().sum()))
+        groups[(best[0], best[1])].append((s[0], s[1]))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def averaged_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainConfig) -> dict[str, Any]:
+    """Nearest row and ridge on each text's StepBegin rows averaged over its epochs, and the labels from
+    all its epochs' HiddenGrads together; with how often the attacker's matching was right."""
+    groups = match_views(victim)
+    if not groups:
+        return {"groups": 0}
+    table = edge.embedding.weight.detach().float()
+    head = edge.head.weight.detach().float()
+    parts = {i: victim.parts.get((m.step, m.micro_batch)) for i, m in enumerate(victim.mbs)}
+    right, xs, ids, label_views, labels = 0, [], [], [], []
+    for g in groups:
+        i0, b0 = g[0]
+        p0 = parts[i0]
+        if p0 is None:
+            continue
+        n = int(victim.mbs[i0].tensors["attention_mask"][b0].sum())
+        truth = p0.input_ids[b0, :n]
+        right += all(parts[i] is not None and torch.equal(parts[i].input_ids[b, :n], truth) for i, b in g)  # type: ignore[union-attr]
+        xs.append(torch.stack([victim.mbs[i].tensors["step_begin"][b, :n] for i, b in g]).mean(dim=0))
+        ids.append(truth)
+        nxt = torch.full((p0.labels.shape[1],), IGNORE, dtype=torch.long)  # the token each position predicts
+        nxt[:-1] = p0.labels[b0, 1:]
+        loss_rows = nxt[:n] != IGNORE
+        if "hidden_grad" in victim.mbs[i0].tensors and loss_rows.any():
+            label_views.append([(victim.mbs[i].tensors["hidden"][b, :n][loss_rows],
+                                 victim.mbs[i].tensors["hidden_grad"][b, :n][loss_rows]) for i, b in g])
+            labels.append(nxt[:n][loss_rows])
+    x, t = torch.cat(xs), torch.cat(ids)
+    xs_shadow, ts_shadow = rows(shadow, "step_begin")
+    out: dict[str, Any] = {"groups": len(groups), "views": statistics.mean(len(g) for g in groups),
+                           "matched": right / len(groups), "rows": int(len(t)),
+                           "nearest": trr(nearest_row(x, clip_rows(table, cfg.privacy_clip)), t),
+                           "ridge": trr(RidgeProbe(table).fit(xs_shadow, ts_shadow, cfg.seed).predict(x), t)
+                           if len(ts_shadow) >= 16 else None}
+    if label_views:
+        out["labels"] = trr(torch.cat([recover_labels(views, head) for views in label_views]), torch.cat(labels))
+    return out
+
+
+def label_attack(victim: Session, edge: EdgeModel) -> dict[str, Any]:
+    """Next tokens from each micro-batch's HiddenGrad and Hidden, one view at a time."""
+    head = edge.head.weight.detach().float()
+    guesses, truth = [], []
+    for m, part in victim.recorded():
+        if "hidden_grad" not in m.tensors:
+            continue
+        keep = positions("hidden_grad", part)
+        guesses.append(recover_labels([(m.tensors["hidden"][keep], m.tensors["hidden_grad"][keep])], head))
+        labels = torch.full_like(part.labels, IGNORE)
+        labels[:, :-1] = part.labels[:, 1:]
+        truth.append(labels[keep])
+    if not truth:
+        return {"rows": 0, "labels": None}
+    y = torch.cat(truth)
+    return {"rows": int(len(y)), "labels": trr(torch.cat(guesses), y)}
+
+
+def adapter_attack(victim: Session, edge: EdgeModel, cfg: TrainConfig, heldout: Path, out: Path) -> dict[str, Any]:
+    """The stolen adapter's share of the fine-tuning's held-out loss gain."""
+    state, seen = steal_adapter(edge, victim.mbs, cfg.rank, cfg.alpha)
+    stolen = save_adapter(state, out / "victim", out / "stolen")
+    examples: list[Example] = load_examples(heldout, edge.tokenizer, edge.cap_length(cfg.max_length))
+    losses = heldout_losses(edge, {"base": None, "victim": out / "victim", "stolen": stolen}, examples, cfg.rank,
+                            cfg.alpha)
+    return {"modules_seen": seen, "modules": len(edge.targets), **{f"loss_{k}": v for k, v in losses.items()},
+            "recovery": relative_gain(losses["base"], losses["victim"], losses["stolen"])}
+
+
+def run_attack(cfg: TrainConfig, ac: AttackConfig, out: Path) -> dict[str, Any]:
+    """Everything above, in order, with a progress bar; returns report.json's content."""
+    victim, shadow, heldout = record_sessions(cfg, ac, out)
+    edge = EdgeModel(cfg.model, cfg.targets, cfg.device)
+    names = tensor_names(victim)
+    with tqdm(total=len(names) + 3, desc="attacks", unit="attack", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        def tick(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        tokens = token_attacks(victim, shadow, edge, cfg, ac, tick)
+        tick("averaged over epochs")
+        averaged = averaged_attacks(victim, shadow, edge, cfg)
+        tick("labels")
+        labels = label_attack(victim, edge)
+        tick("adapter")
+        adapter = adapter_attack(victim, edge, cfg, heldout, out)
+    steps = victim.metrics
+    return {
+        "tensors": tokens, "averaged": averaged, "labels": labels, "adapter": adapter,
+        "worst": worst(tokens, averaged, labels),
+        "cost": {"bytes_per_step": statistics.mean(r["bytes_to_cloud"] + r["bytes_from_cloud"] for r in steps),
+                 "step_s": statistics.median(r["step_s"] for r in steps), "device_bytes": victim.device_bytes},
+        "victim_items": ac.victim_items, "public_items": sum(p.input_ids.shape[0] for p in shadow.parts.values()),
+    }
+
+
+def worst(tokens: dict[str, dict], averaged: dict[str, Any], labels: dict[str, Any]) -> dict[str, Any]:
+    """The highest recovery rate over every attack and tensor, and where it was."""
+    best: dict[str, Any] = {"trr": -1.0, "tensor": None, "attack": None}
+    cands = [(name, attack, v) for name, e in tokens.items() for attack in ("nearest", "ridge", "mlp")
+             if (v := e.get(attack)) is not None]
+    cands += [("step_begin (averaged)", attack, averaged[attack]) for attack in ("nearest", "ridge")
+              if averaged.get(attack) is not None]
+    cands += [("hidden_grad", "labels", labels["labels"])] if labels.get("labels") is not None else []
+    cands += [("hidden_grad (averaged)", "labels", averaged["labels"])] if averaged.get("labels") is not None else []
+    for name, attack, v in cands:
+        if not math.isnan(v) and v > best["trr"]:
+            best = {"trr": v, "tensor": name, "attack": attack}
+    return best
