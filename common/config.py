@@ -176,8 +176,8 @@ class AttackConfig(_Frozen):
     victim_items: int = Field(16, ge=2)  # first lines of --data the victim trains on (what the cloud records)
     heldout_items: int = Field(32, ge=1)  # the next lines: the victim's held-out text, scoring the stolen adapter only
     public_items: int = Field(96, ge=16)  # lines of --public the shadow session sends (more text: stronger probes)
-    mlp_steps: int = Field(300, ge=0)  # AdamW steps of each MLP probe; 0: ridge and nearest row only
-    mlp_every: int = Field(4, ge=1)  # the MLP probe runs on whole-model tensors and on every Nth layer (+ first, last)
+    mlp_steps: int = Field(200, ge=0)  # AdamW steps of each MLP probe; 0: ridge and nearest row only
+    mlp_every: int = Field(8, ge=1)  # the MLP probe runs on whole-model tensors and on every Nth layer (+ first, last)
     keep_recording: bool = False  # keep the cloud's recording in --output (it holds the victim's text, in effect)
 
 

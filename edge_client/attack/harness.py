@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ class _Witness:
     def __init__(self, engine: SplitEngine, micro_batches: int) -> None:
         self._engine, self._m = engine, micro_batches
         self.parts: dict[tuple[int, int], Batch] = {}
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}  # step -> the adapter that step ran with (PEFT keys)
 
     def train_step(self, batch: Batch, step: int, roles: list[int]) -> Any:
         for mb, part in enumerate(batch.split(self._m)):
             self.parts[(step, mb)] = part
+        self.weights = {step: {k: p.detach().clone() for k, p in self._engine.named_parameters()}}  # the last only
         return self._engine.train_step(batch, step, roles)
 
     def __getattr__(self, name: str) -> Any:
@@ -67,6 +70,7 @@ class Session:
 
     mbs: list[RecordedMicroBatch]
     parts: dict[tuple[int, int], Batch]
+    weights: dict[int, dict[str, torch.Tensor]]  # the adapter the last step ran with, by step
     metrics: list[dict]
     device_bytes: int
     per_epoch: int
@@ -128,7 +132,10 @@ def record_sessions(cfg: TrainConfig, ac: AttackConfig, out: Path) -> tuple[Sess
     rec.chmod(0o700)
     n_public = len(read_jsonl(public, (("text",), ("prompt", "completion"))))
     victim_cfg = cfg.model_copy(update={"data": victim_data, "output": out / "victim"})
-    shadow_cfg = cfg.model_copy(update={"data": public, "output": out / "shadow", "seed": cfg.seed + 1, "epochs": 1})
+    # the attacker's own noise key: never the victim's (its draws must not line up with the victim's)
+    shadow_noise = None if cfg.noise_seed is None else (cfg.noise_seed + 1) % (1 << 63)
+    shadow_cfg = cfg.model_copy(update={"data": public, "output": out / "shadow", "seed": cfg.seed + 1, "epochs": 1,
+                                        "noise_seed": shadow_noise})
     steps = max(cfg.epochs * steps_per_epoch(ac.victim_items, cfg.batch_size), steps_per_epoch(n_public, cfg.batch_size))
     cloud = CloudProcess(cfg.model, extra=["--record", str(rec), "--record-steps", str(steps),
                                            "--state-dir", str(out / "cloud-state")])
@@ -137,7 +144,7 @@ def record_sessions(cfg: TrainConfig, ac: AttackConfig, out: Path) -> tuple[Sess
         for scfg, n in ((victim_cfg, ac.victim_items), (shadow_cfg, n_public)):
             engine, witness, _ = run_session(scfg.model_copy(update={"cloud": cloud.address}))
             metrics = [json.loads(line) for line in (scfg.output / "metrics.jsonl").read_text().splitlines()]
-            sessions.append(Session(load_session(rec, engine.session_id), witness.parts, metrics,
+            sessions.append(Session(load_session(rec, engine.session_id), witness.parts, witness.weights, metrics,
                                     device_bytes(engine), steps_per_epoch(n, scfg.batch_size)))
     finally:
         cloud.stop()
@@ -215,6 +222,7 @@ def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainC
         bar(name)
         xv, tv = rows(victim, name)
         xs, ts = rows(shadow, name)
+        t0 = time.perf_counter()
         entry: dict[str, Any] = {"rows": int(len(tv)), "nearest": None, "ridge": None, "mlp": None}
         if len(tv) == 0:
             continue
@@ -224,6 +232,8 @@ def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainC
             entry["ridge"] = trr(RidgeProbe(table).fit(xs, ts, cfg.seed).predict(xv), tv)
             if ac.mlp_steps and mlp_wanted(name, first, last, ac.mlp_every):
                 entry["mlp"] = trr(MlpProbe(table, steps=ac.mlp_steps).fit(xs, ts, cfg.seed).predict(xv), tv)
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("%s: %s", name, entry)
         out[name] = entry
     return out
 
@@ -312,14 +322,22 @@ def label_attack(victim: Session, edge: EdgeModel) -> dict[str, Any]:
 
 
 def adapter_attack(victim: Session, edge: EdgeModel, cfg: TrainConfig, heldout: Path, out: Path) -> dict[str, Any]:
-    """The stolen adapter's share of the fine-tuning's held-out loss gain."""
+    """The stolen adapter's share of the fine-tuning's held-out loss gain, and of the gain of the adapter the
+    last recorded step really ran with (what the attacker could at best rebuild: the final adapter has one more
+    update the cloud never saw applied)."""
     state, seen = steal_adapter(edge, victim.mbs, cfg.rank, cfg.alpha)
     stolen = save_adapter(state, out / "victim", out / "stolen")
+    adapters: dict[str, Path | None] = {"base": None, "victim": out / "victim", "stolen": stolen}
+    last = max((m.step for m in victim.mbs if m.meta["train"]), default=None)
+    if last is not None and last in victim.weights:
+        adapters["at_step"] = save_adapter(victim.weights[last], out / "victim", out / "at-last-step")
     examples: list[Example] = load_examples(heldout, edge.tokenizer, edge.cap_length(cfg.max_length))
-    losses = heldout_losses(edge, {"base": None, "victim": out / "victim", "stolen": stolen}, examples, cfg.rank,
-                            cfg.alpha)
-    return {"modules_seen": seen, "modules": len(edge.targets), **{f"loss_{k}": v for k, v in losses.items()},
+    losses = heldout_losses(edge, adapters, examples, cfg.rank, cfg.alpha)
+    out_ = {"modules_seen": seen, "modules": len(edge.targets), **{f"loss_{k}": v for k, v in losses.items()},
             "recovery": relative_gain(losses["base"], losses["victim"], losses["stolen"])}
+    if "at_step" in losses:
+        out_["recovery_at_step"] = relative_gain(losses["base"], losses["at_step"], losses["stolen"])
+    return out_
 
 
 def run_attack(cfg: TrainConfig, ac: AttackConfig, out: Path) -> dict[str, Any]:

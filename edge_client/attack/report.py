@@ -89,7 +89,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Adapter: {ad['modules_seen']} of {ad['modules']} modules seen; held-out loss base {ad['loss_base']:.4f}, "
         f"victim {ad['loss_victim']:.4f}, stolen {ad['loss_stolen']:.4f}: the stolen adapter gives "
-        f"{_pct(ad['recovery'])} of the fine-tuning's gain.",
+        f"{_pct(ad['recovery'])} of the fine-tuning's gain"
+        + (f" ({_pct(ad['recovery_at_step'])} of the gain of the adapter the last recorded step ran with)"
+           if ad.get("recovery_at_step") is not None else "") + ".",
         "",
         f"Price: {cost['bytes_per_step'] / 1e6:.2f} MB per step, {cost['step_s']:.2f} s per step (median), "
         f"{cost['device_bytes'] / 2**20:.1f} MiB of tensors on the device.",

@@ -69,12 +69,15 @@ def test_no_defence_gives_everything_away_and_a_shuffled_table_nothing(tiny_dir,
 
 
 def test_adapter_protocol_shows_the_weights(tiny_dir, texts, tmp_path) -> None:
-    """In the adapter protocol the weights cross as they are: every module is seen and the stolen adapter
-    carries the fine-tuning's gain (more than half of it: it is the weights one step before the last)."""
+    """In the adapter protocol the weights cross as they are: every module is seen, the stolen adapter is the one
+    the last step ran with exactly, and it carries the fine-tuning's gain (more than half of it: the final adapter
+    has one update more)."""
     report = _attack(tiny_dir("llama"), texts, tmp_path / "out", "--protocol", "adapter")
     assert report["adapter"]["modules_seen"] == report["adapter"]["modules"]
     assert report["adapter"]["loss_victim"] < report["adapter"]["loss_base"]
     assert report["adapter"]["recovery"] > 0.5
+    # the float32 weights that crossed are the ones the last step ran with, bit for bit: the same held-out loss
+    assert report["adapter"]["loss_stolen"] == report["adapter"]["loss_at_step"]
     assert not (tmp_path / "out" / "recording").exists()  # removed unless --keep-recording
 
 
