@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,7 @@ class Session:
     metrics: list[dict]
     device_bytes: int
     per_epoch: int
+    peak_rss: int  # the process's peak resident bytes when the session ended (the device's RAM, all of it)
 
     def recorded(self) -> Iterator[tuple[RecordedMicroBatch, Batch]]:
         for m in self.mbs:
@@ -144,8 +146,9 @@ def record_sessions(cfg: TrainConfig, ac: AttackConfig, out: Path) -> tuple[Sess
         for scfg, n in ((victim_cfg, ac.victim_items), (shadow_cfg, n_public)):
             engine, witness, _ = run_session(scfg.model_copy(update={"cloud": cloud.address}))
             metrics = [json.loads(line) for line in (scfg.output / "metrics.jsonl").read_text().splitlines()]
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; before any attack loads
             sessions.append(Session(load_session(rec, engine.session_id), witness.parts, witness.weights, metrics,
-                                    device_bytes(engine), steps_per_epoch(n, scfg.batch_size)))
+                                    device_bytes(engine), steps_per_epoch(n, scfg.batch_size), peak))
     finally:
         cloud.stop()
     return sessions[0], sessions[1], heldout
@@ -362,7 +365,8 @@ def run_attack(cfg: TrainConfig, ac: AttackConfig, out: Path) -> dict[str, Any]:
         "tensors": tokens, "averaged": averaged, "labels": labels, "adapter": adapter,
         "worst": worst(tokens, averaged, labels),
         "cost": {"bytes_per_step": statistics.mean(r["bytes_to_cloud"] + r["bytes_from_cloud"] for r in steps),
-                 "step_s": statistics.median(r["step_s"] for r in steps), "device_bytes": victim.device_bytes},
+                 "step_s": statistics.median(r["step_s"] for r in steps), "device_bytes": victim.device_bytes,
+                 "device_peak_rss": victim.peak_rss},
         "victim_items": ac.victim_items, "public_items": sum(p.input_ids.shape[0] for p in shadow.parts.values()),
     }
 

@@ -94,7 +94,9 @@ def render(result: dict[str, Any]) -> str:
            if ad.get("recovery_at_step") is not None else "") + ".",
         "",
         f"Price: {cost['bytes_per_step'] / 1e6:.2f} MB per step, {cost['step_s']:.2f} s per step (median), "
-        f"{cost['device_bytes'] / 2**20:.1f} MiB of tensors on the device.",
+        f"{cost['device_bytes'] / 2**20:.1f} MiB of tensors on the device"
+        + (f" (the process's peak RSS {cost['device_peak_rss'] / 2**20:.0f} MiB)" if "device_peak_rss" in cost else "")
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
