@@ -178,7 +178,8 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlora", description="Fine-tune an LLM with LoRA; your data stays on this device.")
+    p = argparse.ArgumentParser(prog="dlora", description="Fine-tune an LLM with LoRA from this device: the raw text and token ids stay here; what crosses "
+                                "can be inverted unless a defence is on (dlora attack measures it; docs/privacy.md).")
     p.add_argument("--log-level", default=os.environ.get("DLORA_LOG_LEVEL", "WARNING"), help="default WARNING")
     p.add_argument("--daemon", default=None, metavar="ADDR",
                    help="the dlora-edge daemon (default $DLORA_DAEMON or unix:~/.cache/dlora/edge/daemon.sock)")
