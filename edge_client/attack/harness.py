@@ -20,6 +20,7 @@ import math
 import resource
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,19 +175,50 @@ def positions(name: str, part: Batch) -> torch.Tensor:
     return mask
 
 
-def rows(session: Session, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) rows of tensor `name` over the session's recorded training micro-batches, and the true token
-    at each position (N,)."""
-    xs, ids = [], []
+def rows(session: Session, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, d) rows of tensor `name` over the session's recorded training micro-batches, the true token at each
+    position (N,) and the position's index in its sequence (N,)."""
+    xs, ids, where = [], [], []
     for m, part in session.recorded():
         if name not in m.tensors:
             continue
         keep = positions(name, part)
         xs.append(m.tensors[name][keep])
         ids.append(part.input_ids[keep])
+        where.append(torch.arange(keep.shape[1]).expand_as(keep)[keep])
     if not xs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(xs), torch.cat(ids)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ids), torch.cat(where)
+
+
+def prior_guess(public: list[list[int]], where: torch.Tensor) -> torch.Tensor:
+    """The public text's most common token at each position index in `where` (-1 past its longest text)."""
+    counts: dict[int, Counter[int]] = {}
+    for ids in public:
+        for t, tok in enumerate(ids):
+            counts.setdefault(t, Counter())[tok] += 1
+    return torch.tensor([counts[t].most_common(1)[0][0] if t in counts else -1 for t in where.tolist()],
+                        dtype=torch.long)
+
+
+def prior_trr(victim: list[list[int]], public: list[list[int]]) -> float:
+    """The TRR of a guess that looks at no tensor at all: at each position of a sequence, the public text's most
+    common token there. Texts that share a template ("Question: ... Answer:") give it a floor above zero; an
+    attack is only as good as its margin over this (`token_attacks` also scores the tokens it misses)."""
+    where = torch.tensor([t for ids in victim for t in range(len(ids))], dtype=torch.long)
+    truth = torch.tensor([tok for ids in victim for tok in ids], dtype=torch.long)
+    return trr(prior_guess(public, where), truth)
+
+
+def sequences(session: Session, first_epoch_only: bool = True) -> list[list[int]]:
+    """The token ids of every sequence the session sent (its first epoch: each text once)."""
+    out = []
+    for (step, _), part in sorted(session.parts.items()):
+        if first_epoch_only and step >= session.per_epoch:
+            continue
+        for ids, mask in zip(part.input_ids, part.attention_mask):
+            out.append(ids[mask.bool()].tolist())
+    return out
 
 
 def tensor_names(session: Session) -> list[str]:
@@ -220,21 +252,27 @@ def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainC
     clipped = clip_rows(table, cfg.privacy_clip)  # what the device's clipped rows look like without noise
     layers = [int(n.split(".")[1]) for n in tensor_names(victim) if "." in n]
     first, last = (min(layers), max(layers)) if layers else (0, 0)
+    public = sequences(shadow)
     out: dict[str, dict] = {}
     for name in tensor_names(victim):
         bar(name)
-        xv, tv = rows(victim, name)
-        xs, ts = rows(shadow, name)
+        xv, tv, where = rows(victim, name)
+        xs, ts, _ = rows(shadow, name)
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {"rows": int(len(tv)), "nearest": None, "ridge": None, "mlp": None}
         if len(tv) == 0:
             continue
+        content = prior_guess(public, where) != tv  # the tokens a guess from the position alone misses
+        entry: dict[str, Any] = {"rows": int(len(tv)), "content_rows": int(content.sum())}
+        guesses: dict[str, torch.Tensor | None] = {"nearest": None, "ridge": None, "mlp": None}
         if xv.shape[1] == table.shape[1]:
-            entry["nearest"] = trr(nearest_row(xv, clipped), tv)
+            guesses["nearest"] = nearest_row(xv, clipped)
         if len(ts) >= 16 and xs.shape[1] == xv.shape[1]:
-            entry["ridge"] = trr(RidgeProbe(table).fit(xs, ts, cfg.seed).predict(xv), tv)
+            guesses["ridge"] = RidgeProbe(table).fit(xs, ts, cfg.seed).predict(xv)
             if ac.mlp_steps and mlp_wanted(name, first, last, ac.mlp_every):
-                entry["mlp"] = trr(MlpProbe(table, steps=ac.mlp_steps).fit(xs, ts, cfg.seed).predict(xv), tv)
+                guesses["mlp"] = MlpProbe(table, steps=ac.mlp_steps).fit(xs, ts, cfg.seed).predict(xv)
+        for attack, guess in guesses.items():
+            entry[attack] = None if guess is None else trr(guess, tv)
+            entry[f"{attack}_content"] = None if guess is None else trr(guess[content], tv[content])
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         log.info("%s: %s", name, entry)
         out[name] = entry
@@ -295,7 +333,7 @@ def averaged_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: Tra
                                  victim.mbs[i].tensors["hidden_grad"][b, :n][loss_rows]) for i, b in g])
             labels.append(nxt[:n][loss_rows])
     x, t = torch.cat(xs), torch.cat(ids)
-    xs_shadow, ts_shadow = rows(shadow, "step_begin")
+    xs_shadow, ts_shadow, _ = rows(shadow, "step_begin")
     out: dict[str, Any] = {"groups": len(groups), "views": statistics.mean(len(g) for g in groups),
                            "matched": right / len(groups), "rows": int(len(t)),
                            "nearest": trr(nearest_row(x, clip_rows(table, cfg.privacy_clip)), t),
@@ -364,6 +402,9 @@ def run_attack(cfg: TrainConfig, ac: AttackConfig, out: Path) -> dict[str, Any]:
     return {
         "tensors": tokens, "averaged": averaged, "labels": labels, "adapter": adapter,
         "worst": worst(tokens, averaged, labels),
+        "prior": prior_trr(sequences(victim), sequences(shadow)),
+        "worst_content": max(((v, name, attack) for name, e in tokens.items() for attack in ("nearest", "ridge", "mlp")
+                              if (v := e.get(f"{attack}_content")) is not None and not math.isnan(v)), default=None),
         "cost": {"bytes_per_step": statistics.mean(r["bytes_to_cloud"] + r["bytes_from_cloud"] for r in steps),
                  "step_s": statistics.median(r["step_s"] for r in steps), "device_bytes": victim.device_bytes,
                  "device_peak_rss": victim.peak_rss},

@@ -62,7 +62,11 @@ def render(result: dict[str, Any]) -> str:
         f"Victim: {result['victim_items']} examples, recorded by the cloud; the attacker's probes trained on "
         f"{result['public_items']} examples of other public text, sent with the same defence.",
         "",
-        f"Worst case: **{_pct(worst['trr'])}** ({worst['attack']} on {worst['tensor']}).",
+        f"Worst case: **{_pct(worst['trr'])}** ({worst['attack']} on {worst['tensor']}); a guess from the position "
+        f"alone (the public text's most common token there) scores {_pct(result.get('prior'))}"
+        + (f"; on the tokens that guess misses the worst attack recovers {_pct(result['worst_content'][0])} "
+           f"({result['worst_content'][2]} on {result['worst_content'][1]})" if result.get("worst_content") else "")
+        + ".",
         "",
         "| tensor | tensors | nearest row | ridge probe | MLP probe |",
         "|---|---:|---:|---:|---:|",

@@ -57,6 +57,8 @@ def test_no_defence_gives_everything_away_and_a_shuffled_table_nothing(tiny_dir,
     assert report["averaged"]["matched"] == 1.0 and report["averaged"]["nearest"] >= 0.95
     assert report["adapter"]["modules_seen"] == report["adapter"]["modules"]
     assert report["defence"]["protocol"] == "layerwise"
+    # the tokens a guess from the position alone misses ("Q: " is every prompt's start) come back all the same
+    assert report["prior"] < 0.5 and report["worst_content"][0] >= 0.95
 
     rec = tmp_path / "out" / "recording"
     victim = load_session(rec, list_sessions(rec)[0])  # a session id sorts either way: check both

@@ -92,3 +92,13 @@ def test_the_adapter_comes_back_from_x_delta_pairs(out_features: int) -> None:
 def test_relative_gain() -> None:
     assert relative_gain(2.0, 1.0, 1.5) == 0.5
     assert math.isnan(relative_gain(2.0, 2.0, 1.5))
+
+
+def test_the_prior_is_the_share_a_position_alone_gives() -> None:
+    """Two of four victim tokens sit where every public text has that same token (a shared template), the
+    others differ: a guess from the position alone scores exactly 1/2."""
+    from edge_client.attack.harness import prior_trr
+
+    public = [[7, 8, 1], [7, 8, 2], [7, 9, 3]]
+    assert prior_trr([[7, 8, 5, 6]], public) == 0.5
+    assert prior_trr([[1, 2]], public) == 0.0
