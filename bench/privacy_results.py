@@ -120,7 +120,13 @@ def render(cells: Path, settings: list[Any], command: str) -> str:
     commits = sorted({r.get("commit", "?")[:10] for r in done})
     machines = sorted({r.get("machine", {}).get("cpu", "?") for r in done})
     flags = [f"`{s.name}`: " + (", ".join(f"{k}={v}" for k, v in s.flags.items()) or "no defence") for s in settings]
-    lines += ["", "Settings: " + "; ".join(flags) + ".", "",
+    lines += ["", "Token cells: the highest token recovery rate on that kind of tensor over its layers and the attacks "
+              "(n nearest row, r ridge probe, m MLP probe, a averaged over epochs); bold: the row's worst case. Labels: "
+              "next tokens from HiddenGrad, one view / every epoch's. Content tokens: the worst TRR on the tokens a "
+              "position-only guess misses. Adapter: the stolen adapter's share of the fine-tuning's held-out loss gain. "
+              "Accuracy: the setting's, then its paired difference from `none` in points [95% interval]. How each is "
+              "measured: below the reading.", "",
+              "Settings: " + "; ".join(flags) + ".", "",
               f"{len(done)} parts measured, on commits {', '.join(commits) or '–'}, machine {', '.join(machines) or '–'}. "
               f"Command: `{command}`.", ""]
     return "\n".join(lines)

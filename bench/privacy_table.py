@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [p for p in parts if p not in PARTS]:
         print(f"error: unknown part {bad[0]!r}; use some of {', '.join(PARTS)}", file=sys.stderr)
         return 2
-    command = shlex.join([".venv/bin/python", "bench/privacy_table.py", *(argv if argv is not None else sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]  # the command that fills the table: not --render-only/--dry-run
+    command = shlex.join([".venv/bin/python", "bench/privacy_table.py",
+                          *(a for a in given if a not in ("--render-only", "--dry-run"))])
     pending = todo(args.cells, settings, parts)
     if args.render_only or args.dry_run or not pending:
         for s, p in pending if args.dry_run else []:
