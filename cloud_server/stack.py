@@ -9,7 +9,7 @@ which case it adds the delta the session's step obtains from the edge. Many sess
 stack: the step is looked up per thread, the weights are never written.
 
 A session whose device runs the first k layers itself (`--edge-layers k`) starts at layer k: `run`
-then goes through a view of the same model (common.families.start_view, made once per k and kept)
+then goes through a view of the same model (common.model_views.start_view, made once per k and kept)
 that has layers k.. only and skips what the model applies to `inputs_embeds` before its first layer.
 Its slots are the stack's own, so they keep their true layer index.
 """
@@ -30,8 +30,9 @@ from transformers import AutoModel
 
 from common.config import torch_dtype
 from common.errors import ConfigError
-from common.families import Family, family_of, hidden_width, linear_shape, max_positions, start_view
+from common.families import Family, family_of, hidden_width, linear_shape, max_positions
 from common.model_files import fingerprint, load_config, tensor_index
+from common.model_views import start_view
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ defence: a probe recovers fewer tokens the deeper the cut, DESIGN.md "What priva
 
 The blocks are the Hugging Face base model (AutoModel) built from a copy of the config with k layers
 (common.families.with_layers), so positions, rotary embeddings, ALiBi and the embedding layernorm run
-exactly as in the full model; its final norm is made the identity (common.families.drop_final), so it
+exactly as in the full model; its final norm is made the identity (common.model_views.drop_final), so it
 outputs the hidden states after block k-1, what the cloud's view from layer k takes. The skeleton is
 made with parameters on the `meta` device and only these k blocks' tensors are read from the folder: the
 device never materialises a block >= k, nor a second embedding table (the input embedding is the
@@ -32,8 +32,9 @@ from torch import nn
 from transformers import AutoModel
 
 from common.errors import ConfigError
-from common.families import Family, drop_final, with_layers
+from common.families import Family, with_layers
 from common.model_files import TensorEntry, find_tensor, read_tensors
+from common.model_views import drop_final
 from common.pb.dlora.v1 import dlora_pb2 as pb
 
 if TYPE_CHECKING:

@@ -97,7 +97,7 @@ def test_relative_gain() -> None:
 def test_the_prior_is_the_share_a_position_alone_gives() -> None:
     """Two of four victim tokens sit where every public text has that same token (a shared template), the
     others differ: a guess from the position alone scores exactly 1/2."""
-    from edge_client.attack.harness import prior_trr
+    from edge_client.attack.recorded import prior_trr
 
     public = [[7, 8, 1], [7, 8, 2], [7, 9, 3]]
     assert prior_trr([[7, 8, 5, 6]], public) == 0.5
