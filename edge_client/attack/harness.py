@@ -31,7 +31,16 @@ from common.config import AttackConfig, TrainConfig
 from common.errors import ConfigError
 from common.recording import load_session
 from edge_client.attack.probes import MlpProbe, RidgeProbe, clip_rows, nearest_row, trr
-from edge_client.attack.recorded import Session, positions, prior_guess, prior_trr, rows, sequences, tensor_names
+from edge_client.attack.recorded import (
+    Session,
+    position_modes,
+    positions,
+    prior_guess,
+    prior_trr,
+    rows,
+    sequences,
+    tensor_names,
+)
 from edge_client.attack.recovery import recover_labels, relative_gain
 from edge_client.attack.stolen_adapter import heldout_losses, save_adapter, steal_adapter
 from edge_client.remote.split_engine import SplitEngine
@@ -156,7 +165,7 @@ def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainC
     clipped = clip_rows(table, cfg.privacy_clip)  # what the device's clipped rows look like without noise
     layers = [int(n.split(".")[1]) for n in tensor_names(victim) if "." in n]
     first, last = (min(layers), max(layers)) if layers else (0, 0)
-    public = sequences(shadow)
+    modes = position_modes(sequences(shadow))  # once: every tensor is scored against the same prior
     out: dict[str, dict] = {}
     for name in tensor_names(victim):
         bar(name)
@@ -165,7 +174,7 @@ def token_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: TrainC
         t0 = time.perf_counter()
         if len(tv) == 0:
             continue
-        content = prior_guess(public, where) != tv  # the tokens a guess from the position alone misses
+        content = prior_guess(modes, where) != tv  # the tokens a guess from the position alone misses
         entry: dict[str, Any] = {"rows": int(len(tv)), "content_rows": int(content.sum())}
         guesses: dict[str, torch.Tensor | None] = {"nearest": None, "ridge": None, "mlp": None}
         if xv.shape[1] == table.shape[1]:

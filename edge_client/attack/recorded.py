@@ -65,14 +65,18 @@ def rows(session: Session, name: str) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.cat(xs), torch.cat(ids), torch.cat(where)
 
 
-def prior_guess(public: list[list[int]], where: torch.Tensor) -> torch.Tensor:
-    """The public text's most common token at each position index in `where` (-1 past its longest text)."""
+def position_modes(public: list[list[int]]) -> dict[int, int]:
+    """The public text's most common token at each position index."""
     counts: dict[int, Counter[int]] = {}
     for ids in public:
         for t, tok in enumerate(ids):
             counts.setdefault(t, Counter())[tok] += 1
-    return torch.tensor([counts[t].most_common(1)[0][0] if t in counts else -1 for t in where.tolist()],
-                        dtype=torch.long)
+    return {t: c.most_common(1)[0][0] for t, c in counts.items()}
+
+
+def prior_guess(modes: dict[int, int], where: torch.Tensor) -> torch.Tensor:
+    """The guess from the position alone at each index in `where` (-1 past the public text's longest)."""
+    return torch.tensor([modes.get(t, -1) for t in where.tolist()], dtype=torch.long)
 
 
 def prior_trr(victim: list[list[int]], public: list[list[int]]) -> float:
@@ -81,7 +85,7 @@ def prior_trr(victim: list[list[int]], public: list[list[int]]) -> float:
     attack is only as good as its margin over this (`token_attacks` also scores the tokens it misses)."""
     where = torch.tensor([t for ids in victim for t in range(len(ids))], dtype=torch.long)
     truth = torch.tensor([tok for ids in victim for tok in ids], dtype=torch.long)
-    return trr(prior_guess(public, where), truth)
+    return trr(prior_guess(position_modes(public), where), truth)
 
 
 def sequences(session: Session, first_epoch_only: bool = True) -> list[list[int]]:
