@@ -125,6 +125,10 @@ class TrainConfig(_Frozen):
     privacy_clip: float | None = Field(None, gt=0)  # its clip norm C; needed when privacy_noise > 0
     grad_noise: float = Field(0.0, ge=0)  # sigma on the HiddenGrad dL/dh (it defends the labels)
     grad_clip: float | None = Field(None, gt=0)  # its clip norm C; needed when grad_noise > 0
+    # which dL/dh rows get clipped and noised: every real row (the cloud cannot tell prompt from answer), or only
+    # the rows that carry a loss (the others go up as the exact zeros they are: less noise in training, but the
+    # cloud sees which positions are answers)
+    grad_noise_rows: Literal["all", "loss"] = "all"
     noise_seed: int | None = Field(None, ge=0, lt=1 << 63, repr=False)  # keys the noise (a secret); None: fresh per process.
     # Never derived from `seed`: the adapter protocol sends that to the cloud, which could then subtract the noise
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start

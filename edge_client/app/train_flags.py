@@ -50,6 +50,10 @@ def privacy_flags(p: argparse.ArgumentParser) -> None:
                         f"changes training (default {default('grad_noise'):g}: off)")
     p.add_argument("--grad-clip", type=float, default=None, metavar="C",
                    help="train: L2 norm each dL/dh row is clipped to (default: no clipping)")
+    p.add_argument("--grad-noise-rows", choices=("all", "loss"), default=None,
+                   help="train: which dL/dh rows get --grad-noise: every real row, so the cloud cannot tell prompt "
+                        "from answer; or only the rows that carry a loss (far less noise in training; the cloud "
+                        f"sees which positions are answers) (default {default('grad_noise_rows')})")
     p.add_argument("--noise-seed", type=int, default=None,
                    help="train: keys the noise, for a reproducible run; keep it secret: the cloud could subtract "
                         "the noise with it (default: a fresh random secret per process)")

@@ -20,7 +20,8 @@ KIND_NAMES = {
     "lora_grad_input": "LoRA dL/dx (per layer)",
     "input_grad": "InputGrad (dL/d StepBegin)",
 }
-DEFENCE_FIELDS = ("protocol", "edge_layers", "privacy_noise", "privacy_clip", "grad_noise", "grad_clip")
+DEFENCE_FIELDS = ("protocol", "edge_layers", "privacy_noise", "privacy_clip", "grad_noise", "grad_clip",
+                  "grad_noise_rows")
 
 
 def defence(cfg: TrainConfig) -> dict[str, Any]:

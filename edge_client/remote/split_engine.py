@@ -97,7 +97,7 @@ class SplitEngine:
             loss = lm_loss(self.edge.logits(h), labels[mb], n_tokens)
             loss.backward()
             losses[mb] = float(loss.detach())
-            return self.privacy.hidden_grad(h.grad, parts[mb].attention_mask, step, mb)  # type: ignore[arg-type]
+            return self.privacy.hidden_grad(h.grad, parts[mb].attention_mask, labels[mb], step, mb)  # type: ignore[arg-type]
 
         traffic = RemoteStep(self.link, self.adapter, step=step, roles=roles, train=True, head=head,
                              heads=self._heads).run(parts)

@@ -14,7 +14,11 @@ Padding rows (attention mask 0) are left exactly as they are: they hold no text 
 public embedding; a zero gradient, since padding has no label), the mask itself goes up unnoised
 anyway, and noise there would only add noise to training. Every other row is clipped and noised,
 prompt rows of the gradient included (their gradient is zero; unnoised, they would show which
-positions are the prompt).
+positions are the prompt). `--grad-noise-rows loss` trades that away: only the rows that carry a
+loss are clipped and noised, the others go up as the exact zeros they are. The cloud then sees
+which positions are answers (their count and place, not their content: those rows get the same
+noise), and training gets far less noise, since the cloud backpropagates every noised row through
+every block into the LoRA gradients and prompt rows are most of a sequence.
 
 What it guarantees. Clipping bounds every row's norm by C, so replacing what one row encodes (one
 token's embedding; one position's label in the gradient) moves that row by at most 2C in L2. Adding
@@ -67,6 +71,7 @@ import torch
 
 from common.config import TrainConfig
 from common.errors import ConfigError
+from edge_client.train.data import IGNORE
 
 NOISED_TENSORS: tuple[str, ...] = ("inputs", "hidden_grad")  # the key's `which`: index in this tuple
 
@@ -113,16 +118,23 @@ class PrivacyNoise:
         secret: int,
         inputs: tuple[float, float | None] = (0.0, None),
         hidden_grad: tuple[float, float | None] = (0.0, None),
+        grad_rows: str = "all",
     ) -> None:
-        """secret: keys the noise (keep it from the cloud); inputs, hidden_grad: (sigma, clip norm or None)."""
+        """secret: keys the noise (keep it from the cloud); inputs, hidden_grad: (sigma, clip norm or None);
+        grad_rows: "all" real rows of dL/dh, or only the "loss" rows."""
+        if grad_rows not in ("all", "loss"):
+            raise ConfigError(f"--grad-noise-rows={grad_rows!r}: use all or loss")
         self.secret = secret
         self.knobs = {"inputs": inputs, "hidden_grad": hidden_grad}
+        self.grad_rows = grad_rows
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> PrivacyNoise:
-        """--privacy-noise/--privacy-clip, --grad-noise/--grad-clip; the secret from --noise-seed, else fresh."""
+        """--privacy-noise/--privacy-clip, --grad-noise/--grad-clip/--grad-noise-rows; the secret from
+        --noise-seed, else fresh."""
         secret = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
-        return cls(secret, (cfg.privacy_noise, cfg.privacy_clip), (cfg.grad_noise, cfg.grad_clip))
+        return cls(secret, (cfg.privacy_noise, cfg.privacy_clip), (cfg.grad_noise, cfg.grad_clip),
+                   cfg.grad_noise_rows)
 
     def _apply(self, which: str, x: torch.Tensor, mask: torch.Tensor, step: int, micro_batch: int) -> torch.Tensor:
         sigma, clip = self.knobs[which]
@@ -134,6 +146,18 @@ class PrivacyNoise:
         """The StepBegin tensor (b, t, E) as it goes up; mask (b, t) is the micro-batch's attention mask."""
         return self._apply("inputs", x, mask, step, micro_batch)
 
-    def hidden_grad(self, g: torch.Tensor, mask: torch.Tensor, step: int, micro_batch: int) -> torch.Tensor:
-        """The HiddenGrad dL/dh (b, t, H) as it goes up."""
-        return self._apply("hidden_grad", g, mask, step, micro_batch)
+    def hidden_grad(
+        self, g: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, step: int, micro_batch: int
+    ) -> torch.Tensor:
+        """The HiddenGrad dL/dh (b, t, H) as it goes up; mask (b, t) the attention mask, labels (b, t) the
+        micro-batch's labels (IGNORE where no loss), which pick the rows under --grad-noise-rows loss."""
+        rows = loss_rows(labels).to(mask.device) & mask.bool() if self.grad_rows == "loss" else mask
+        return self._apply("hidden_grad", g, rows, step, micro_batch)
+
+
+def loss_rows(labels: torch.Tensor) -> torch.Tensor:
+    """(b, t) bool: the positions whose logits are scored, i.e. whose next label is not IGNORE (position t
+    predicts labels[:, t + 1]; the last position predicts nothing)."""
+    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows[:, :-1] = labels[:, 1:] != IGNORE
+    return rows

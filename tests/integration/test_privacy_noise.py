@@ -24,7 +24,7 @@ from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from edge_client.app.cli import main as dlora_main
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import Batch, collate, load_examples
-from edge_client.train.privacy import clip_and_noise, noise_key
+from edge_client.train.privacy import clip_and_noise, loss_rows, noise_key
 
 
 class RecordingProxy(pb_grpc.SplitTrainingServicer):
@@ -126,6 +126,35 @@ def test_the_cloud_receives_the_noised_tensors_and_not_the_clean_ones(tiny_dir, 
     assert float(recovered(sent)) < 0.2
 
 
+@pytest.mark.parametrize("rows", ["all", "loss"])
+def test_grad_noise_rows_on_the_wire(rows, tiny_dir, cloud, data_file, tmp_path):
+    """Recorded on a real gRPC hop: under --grad-noise-rows loss the HiddenGrad's non-loss rows (prompt and
+    padding) cross as exact zeros and every loss row is noised; under all, every real row is noised, so a
+    zero row gives no prompt away."""
+    model_dir = tiny_dir("llama")
+    proxy = RecordingProxy(cloud(model_dir))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_SplitTrainingServicer_to_server(proxy, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        cfg = _config(model_dir, data_file, tmp_path, f"127.0.0.1:{port}", grad_noise=1.0, grad_clip=0.01,
+                      grad_noise_rows=rows, noise_seed=5)
+        _, _, _, batch = _step(cfg)
+    finally:
+        server.stop(0)
+    msg = next(m.hidden_grad for m in proxy.seen if m.WhichOneof("kind") == "hidden_grad")
+    sent = torch.frombuffer(bytearray(msg.grad.data), dtype=torch.float32).reshape(*batch.input_ids.shape, -1)
+    zero = (sent == 0).all(-1)  # (B, T)
+    scored = loss_rows(batch.labels)
+    real = batch.attention_mask.bool()
+    assert bool(scored.any()) and bool((real & ~scored).any())
+    assert not bool(zero[scored].any())
+    assert bool(zero[~real].all())
+    assert bool(zero[real & ~scored].all()) == (rows == "loss")
+    assert not bool(zero[real & ~scored].any()) or rows == "loss"
+
+
 def test_gradient_noise_changes_training_not_the_forward_and_is_reproducible(tiny_dir, cloud, data_file, tmp_path):
     """--grad-noise alone: the loss (forward) bit for bit the clean run's, the gradients not; the same
     --noise-seed gives the same gradients again, another seed, another step or the input noise others."""
@@ -155,11 +184,23 @@ def test_gradient_noise_changes_training_not_the_forward_and_is_reproducible(tin
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = dlora_main(argv)
+    """The exit code and the one line of stderr that starts with "dlora" (argparse's own errors exit via
+    SystemExit after its usage lines)."""
+    try:
+        code = dlora_main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
     err = capsys.readouterr().err.strip()
     lines = [line for line in err.splitlines() if line.startswith("dlora")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return code, lines[0]
+
+
+def _argv(command: str, tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
+    """A command whose model folder does not exist and whose cloud does not listen: nothing may touch either."""
+    cloud = ["--cloud", "127.0.0.1:1"] if command == "train" else []
+    return [command, *cloud, "--model", str(tmp_path / "nope"), "--data", str(data_file),
+            "--output", str(tmp_path / "o"), "--no-progress", *extra]
 
 
 @pytest.mark.parametrize(
@@ -169,41 +210,20 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["--grad-noise", "2"], "dlora: error: --grad-noise=2 needs --grad-clip C"),
         (["--privacy-noise", "-1"], "dlora: error: --privacy-noise=-1.0: Input should be greater than or equal to 0"),
         (["--grad-noise", "1", "--grad-clip", "0"], "dlora: error: --grad-clip=0.0: Input should be greater than 0"),
+        (["--grad-noise-rows", "some"], "dlora train: error: argument --grad-noise-rows: invalid choice: 'some'"),
     ],
 )
 def test_bad_noise_flags_are_one_line_before_anything_loads(extra, words, tmp_path, data_file, capsys):
     """The model folder does not exist and no cloud listens: the flag is refused before either is touched."""
-    argv = [
-        "train",
-        "--cloud",
-        "127.0.0.1:1",
-        "--model",
-        str(tmp_path / "nope"),
-        "--data",
-        str(data_file),
-        "--output",
-        str(tmp_path / "o"),
-        "--no-progress",
-        *extra,
-    ]
-    code, line = _run(argv, capsys)
+    code, line = _run(_argv("train", tmp_path, data_file, *extra), capsys)
     assert code == 2 and line.startswith(words), line
 
 
-def test_local_train_refuses_the_noise_flags(tmp_path, data_file, capsys):
-    argv = [
-        "local-train",
-        "--model",
-        str(tmp_path / "nope"),
-        "--data",
-        str(data_file),
-        "--output",
-        str(tmp_path / "o"),
-        "--no-progress",
-        "--privacy-noise",
-        "1",
-        "--privacy-clip",
-        "1",
-    ]
-    code, line = _run(argv, capsys)
-    assert code == 2 and "--privacy-noise, --privacy-clip: local-train sends nothing up" in line, line
+@pytest.mark.parametrize(
+    "extra,named",
+    [(["--privacy-noise", "1", "--privacy-clip", "1"], "--privacy-noise, --privacy-clip"),
+     (["--grad-noise-rows", "loss"], "--grad-noise-rows")],
+)
+def test_local_train_refuses_the_noise_flags(extra, named, tmp_path, data_file, capsys):
+    code, line = _run(_argv("local-train", tmp_path, data_file, *extra), capsys)
+    assert code == 2 and f"{named}: local-train sends nothing up" in line, line

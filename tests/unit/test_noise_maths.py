@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from common.config import TrainConfig, flag_error
 from common.errors import ConfigError
 from common.lora_math import dropout_key
-from edge_client.train.privacy import PrivacyNoise, clip_and_noise, clip_rows, noise_key
+from edge_client.train.data import IGNORE
+from edge_client.train.privacy import PrivacyNoise, clip_and_noise, clip_rows, loss_rows, noise_key
 
 TRAIN: dict[str, Any] = {"model": Path("m"), "data": Path("d.jsonl"), "output": Path("out")}
 
@@ -26,11 +27,15 @@ def _ones(x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[:2], dtype=torch.long)  # (b, t): every row is a token
 
 
+def _labels(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[:2], dtype=torch.long)  # (b, t): every position has a label
+
+
 def test_sigma_0_without_a_clip_is_the_same_tensor() -> None:
     x = _x()
     assert clip_and_noise(x, _ones(x), 0.0, None, key=1) is x
     noise = PrivacyNoise(secret=5)
-    assert noise.inputs(x, _ones(x), 3, 0) is x and noise.hidden_grad(x, _ones(x), 3, 0) is x
+    assert noise.inputs(x, _ones(x), 3, 0) is x and noise.hidden_grad(x, _ones(x), _labels(x), 3, 0) is x
 
 
 def test_sigma_0_with_a_clip_only_clips() -> None:
@@ -85,7 +90,7 @@ def test_the_noise_is_keyed_by_secret_step_micro_batch_and_tensor() -> None:
     others = [
         a.inputs(x, m, 5, 1),
         a.inputs(x, m, 4, 0),
-        a.hidden_grad(x, m, 4, 1),
+        a.hidden_grad(x, m, _labels(x), 4, 1),
         PrivacyNoise(secret=10, inputs=(1.0, 1.0)).inputs(x, m, 4, 1),
     ]
     for other in others:
@@ -156,3 +161,35 @@ def test_the_secret_comes_from_noise_seed_never_from_seed() -> None:
     fresh = {PrivacyNoise.from_config(TrainConfig(**TRAIN, seed=0)).secret for _ in range(4)}
     assert len(fresh) == 4 and 0 not in fresh  # a fresh secret per engine, not the (public) --seed
     assert "noise_seed" not in repr(TrainConfig(**TRAIN, noise_seed=42))
+
+
+def test_loss_rows_are_the_positions_whose_next_label_is_scored() -> None:
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 7, IGNORE, IGNORE, 8]])
+    assert loss_rows(labels).tolist() == [[False, True, True, False, False], [True, False, False, True, False]]
+
+
+def test_grad_noise_rows_loss_noises_the_loss_rows_only() -> None:
+    """rows="loss": the loss rows clipped and noised exactly as rows="all" does them (the same key, the same
+    draws), every other row (prompt, padding) exactly what it was; rows="all" noises the prompt rows too."""
+    g = _x()
+    g[0, :2] = 0.0  # a prompt's gradient is zero
+    labels = torch.full(g.shape[:2], IGNORE)
+    labels[0, 3:] = 1
+    labels[1, 1:] = 2
+    mask = _ones(g)
+    mask[1, 3] = 0  # a masked row stays as it is even where its next label is set
+    every = PrivacyNoise(secret=4, hidden_grad=(1.0, 0.5))
+    only = PrivacyNoise(secret=4, hidden_grad=(1.0, 0.5), grad_rows="loss")
+    a, b = every.hidden_grad(g, mask, labels, 2, 0), only.hidden_grad(g, mask, labels, 2, 0)
+    rows = loss_rows(labels) & mask.bool()
+    assert rows.sum() == 5
+    assert torch.equal(b[rows], a[rows])
+    assert torch.equal(b[~rows], g[~rows])
+    assert not bool((a[0, :2] == 0).any())  # rows="all": the prompt rows no longer look like a prompt's
+
+
+def test_grad_noise_rows_is_all_or_loss() -> None:
+    with pytest.raises(ConfigError, match="--grad-noise-rows='some': use all or loss"):
+        PrivacyNoise(secret=1, grad_rows="some")
+    with pytest.raises(ValidationError):
+        TrainConfig(**TRAIN, grad_noise_rows="some")
