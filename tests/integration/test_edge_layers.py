@@ -25,7 +25,7 @@ import pytest
 import torch
 from raw_stream import RawStream, hello, raw_channel
 from test_fuzz_device import FakeCloud
-from test_golden_peft import PeftReference, assert_same_step, make_batch, split_for
+from test_golden_peft import PeftReference, assert_same_step, make_batch, sgd_both, split_for
 from tiny_models import FAMILIES
 from wire_strategies import welcome
 
@@ -110,11 +110,7 @@ def test_edge_layers_equal_peft(family, protocol, layers, k, tiny_dir, cloud, tm
             want = ref.step(batch, step, 2)
             got = edge_step(split, batch, step, active, mode, 2)
             assert_same_step(f"{family} {protocol} k={k} {mode} active={sorted(active)}", active, got, want)
-            with torch.no_grad():
-                for key, p in theirs.items():
-                    if p.grad is not None:
-                        p -= 0.5 * p.grad
-                    ours[key].copy_(p)
+            sgd_both(theirs, ours)
     finally:
         split.close()
 
@@ -480,42 +476,17 @@ def test_eval_through_edge_layers_equals_the_whole_cloud(tiny_dir, cloud, tmp_pa
 def test_device_mapped_cloud_from_layer_k(tiny_dir, redis_url, data_file, tmp_path):
     """`serve --device-map auto` (here all on the CPU) serving an --edge-layers 1 session computes what the
     default stack computes (test_device_map's tolerances: the same float32 operations, another alignment)."""
-    from cloud_server.server import CloudServer
+    from test_device_map import assert_same_steps, steps_on_each
+
     from cloud_server.stack import DecoderStack
-    from common.config import ServeConfig, TrainConfig
-    from edge_client.train.data import collate, load_examples
 
     model_dir = tiny_dir("llama", layers=2)
-    servers = [
-        CloudServer(stack, ServeConfig(model=model_dir, redis_url=redis_url))
-        for stack in (DecoderStack(model_dir), DecoderStack(model_dir, device_map="auto"))
-    ]
-    results = []
-    try:
-        for server in servers:
-            split = SplitEngine(
-                TrainConfig(
-                    model=model_dir,
-                    data=data_file,
-                    output=tmp_path,
-                    edge_layers=1,
-                    cloud=f"127.0.0.1:{server.port}",
-                    progress=False,
-                    micro_batches=2,
-                )
-            )
-            with torch.no_grad():
-                for pair in split.adapter.pairs:
-                    pair.B.fill_(0.01)
-            batch = collate(load_examples(data_file, split.tokenizer, 64)[:4], split.tokenizer.pad_token_id)
-            loss, _ = split.train_step(batch, 0, [pb.FORWARD_BACKWARD] * 2)
-            results.append((loss, [p.grad.clone() for p in split.parameters()]))
-            split.close()
-    finally:
-        for server in servers:
-            server.stop(0)
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_a == pytest.approx(loss_b, rel=1e-5)
-    assert all(bool(b.any()) for b in grads_b)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5 * float(b.abs().max()))
+
+    def nonzero_b(split: SplitEngine) -> None:
+        with torch.no_grad():
+            for pair in split.adapter.pairs:
+                pair.B.fill_(0.01)  # every gradient non-zero on step 0, A's included
+
+    steps = steps_on_each([DecoderStack(model_dir), DecoderStack(model_dir, device_map="auto")], model_dir,
+                          redis_url, data_file, tmp_path, nonzero_b, edge_layers=1)
+    assert_same_steps(*steps, every_grad=True)

@@ -186,6 +186,16 @@ def check_step(what: str, ref: PeftReference, split: SplitEngine, batch: Batch, 
     assert_same_step(f"{what} {mode} active={sorted(active)}", active, got, want)
 
 
+def sgd_both(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], lr: float = 0.5) -> None:
+    """The same update on both sides, from PEFT's gradients: a plain SGD step on PEFT's trained weights,
+    then ours set to exactly those (so the next step starts from equal, new, non-zero B)."""
+    with torch.no_grad():
+        for key, p in theirs.items():
+            if p.grad is not None:
+                p -= lr * p.grad
+            ours[key].copy_(p)
+
+
 def assert_same_step(what: str, active: set[int], got: tuple[float, dict], want: tuple[float, dict]) -> None:
     (loss_s, grads_s), (loss_p, grads_p) = got, want
     assert loss_s == pytest.approx(loss_p, rel=1e-5), what
@@ -258,10 +268,6 @@ def test_adapter_protocol_equals_peft(family, tiny_dir, cloud, tmp_path):
     try:
         for step, (active, mode) in enumerate(cases):
             check_step(f"{family} adapter M={m}", ref, split, batch, step, active, mode, m)
-            with torch.no_grad():  # the same update on both sides, from PEFT's gradients
-                for key, p in theirs.items():
-                    if p.grad is not None:
-                        p -= 0.5 * p.grad
-                    ours[key].copy_(p)
+            sgd_both(theirs, ours)
     finally:
         split.close()

@@ -4,37 +4,16 @@ either step protocol, no LoRA weights in `layerwise`, and every LoRA weight in `
 from __future__ import annotations
 
 import gc
-import threading
-from concurrent import futures
 
-import grpc
 import pytest
 import torch
+from recording_hop import recording_hop
 
 from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import collate, load_examples
 from edge_client.train.model_parts import EdgeModel
-
-
-class RecordingProxy(pb_grpc.SplitTrainingServicer):
-    """A real gRPC hop between edge and cloud that keeps a copy of every message the cloud receives."""
-
-    def __init__(self, upstream: str) -> None:
-        self.stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(upstream))
-        self.seen: list[bytes] = []
-        self.lock = threading.Lock()
-
-    def Session(self, request_iterator, context):
-        def tap():
-            for msg in request_iterator:
-                with self.lock:
-                    self.seen.append(msg.SerializeToString())
-                yield msg
-
-        yield from self.stub.Session(tap())
 
 
 def test_edge_materialises_no_decoder_block(tiny_dir):
@@ -86,17 +65,12 @@ def test_what_crosses_the_wire_per_protocol(protocol, tiny_dir, cloud, data_file
     trade for one message instead of two round trips per layer.
     """
     model_dir = tiny_dir("llama")
-    proxy = RecordingProxy(cloud(model_dir))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_SplitTrainingServicer_to_server(proxy, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with recording_hop(cloud(model_dir)) as (proxy, address):
         cfg = TrainConfig(
             model=model_dir,
             data=data_file,
             output=tmp_path,
-            cloud=f"127.0.0.1:{port}",
+            cloud=address,
             progress=False,
             protocol=protocol,
         )
@@ -108,9 +82,7 @@ def test_what_crosses_the_wire_per_protocol(protocol, tiny_dir, cloud, data_file
         batch = collate(load_examples(data_file, split.tokenizer, 64)[:6], split.tokenizer.pad_token_id)
         split.train_step(batch, 0, [pb.FORWARD_BACKWARD] * split.num_layers)
         split.close()
-    finally:
-        server.stop(0)
-    messages = [pb.EdgeMessage.FromString(m) for m in proxy.seen]
+    messages = proxy.messages()
     kinds = [m.WhichOneof("kind") for m in messages]
     stream = b"".join(proxy.seen)
     for row, labels in zip(batch.input_ids, batch.labels):

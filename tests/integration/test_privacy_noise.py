@@ -9,40 +9,19 @@ buffers each time), which the first test also asserts, so the comparison is fair
 
 from __future__ import annotations
 
-import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import torch
+from recording_hop import recording_hop
 
 from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
-from common.pb.dlora.v1 import dlora_pb2_grpc as pb_grpc
 from edge_client.app.cli import main as dlora_main
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.train.data import Batch, collate, load_examples
 from edge_client.train.privacy import clip_and_noise, loss_rows, noise_key
-
-
-class RecordingProxy(pb_grpc.SplitTrainingServicer):
-    """A real gRPC hop that keeps every message the cloud receives (as test_privacy.py's)."""
-
-    def __init__(self, upstream: str) -> None:
-        self.stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(upstream))
-        self.seen: list[pb.EdgeMessage] = []
-        self.lock = threading.Lock()
-
-    def Session(self, request_iterator, context):  # noqa: N802 (the generated servicer's name)
-        def tap():
-            for msg in request_iterator:
-                with self.lock:
-                    self.seen.append(pb.EdgeMessage.FromString(msg.SerializeToString()))
-                yield msg
-
-        yield from self.stub.Session(tap())
 
 
 def _step(cfg: TrainConfig, batch_of: int = 6, step: int = 0) -> tuple[float, list[torch.Tensor], SplitEngine, Batch]:
@@ -89,18 +68,13 @@ def test_the_cloud_receives_the_noised_tensors_and_not_the_clean_ones(tiny_dir, 
     embeddings, keyed by (noise seed, step, micro-batch, inputs); the clean embeddings' bytes do not
     cross; nearest-row inversion, which reads every token off the clean embeddings, mostly fails."""
     model_dir = tiny_dir("llama")
-    proxy = RecordingProxy(cloud(model_dir))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_SplitTrainingServicer_to_server(proxy, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     sigma, clip, step = 1.0, 1.0, 5
-    try:
+    with recording_hop(cloud(model_dir)) as (proxy, address):
         cfg = _config(
             model_dir,
             data_file,
             tmp_path,
-            f"127.0.0.1:{port}",
+            address,
             privacy_noise=sigma,
             privacy_clip=clip,
             grad_noise=sigma,
@@ -108,15 +82,13 @@ def test_the_cloud_receives_the_noised_tensors_and_not_the_clean_ones(tiny_dir, 
             noise_seed=99,
         )
         _, _, engine, batch = _step(cfg, step=step)
-    finally:
-        server.stop(0)
-    begin = next(m.step_begin for m in proxy.seen if m.WhichOneof("kind") == "step_begin")
+    begin = proxy.first("step_begin")
     sent = torch.frombuffer(bytearray(begin.embeddings.data), dtype=torch.float32).reshape(*batch.input_ids.shape, -1)
     with torch.no_grad():
         clean = engine.edge.embed(batch.input_ids)  # (B, T, E)
         expected = clip_and_noise(clean, batch.attention_mask, sigma, clip, noise_key(99, step, 0, 0))
     assert torch.equal(sent, expected)
-    stream = b"".join(m.SerializeToString() for m in proxy.seen)
+    stream = b"".join(proxy.seen)
     real = batch.attention_mask.bool()
     for row in clean[real][:8]:
         assert row.numpy().tobytes() not in stream
@@ -132,18 +104,11 @@ def test_grad_noise_rows_on_the_wire(rows, tiny_dir, cloud, data_file, tmp_path)
     padding) cross as exact zeros and every loss row is noised; under all, every real row is noised, so a
     zero row gives no prompt away."""
     model_dir = tiny_dir("llama")
-    proxy = RecordingProxy(cloud(model_dir))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_SplitTrainingServicer_to_server(proxy, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        cfg = _config(model_dir, data_file, tmp_path, f"127.0.0.1:{port}", grad_noise=1.0, grad_clip=0.01,
+    with recording_hop(cloud(model_dir)) as (proxy, address):
+        cfg = _config(model_dir, data_file, tmp_path, address, grad_noise=1.0, grad_clip=0.01,
                       grad_noise_rows=rows, noise_seed=5)
         _, _, _, batch = _step(cfg)
-    finally:
-        server.stop(0)
-    msg = next(m.hidden_grad for m in proxy.seen if m.WhichOneof("kind") == "hidden_grad")
+    msg = proxy.first("hidden_grad")
     sent = torch.frombuffer(bytearray(msg.grad.data), dtype=torch.float32).reshape(*batch.input_ids.shape, -1)
     zero = (sent == 0).all(-1)  # (B, T)
     scored = loss_rows(batch.labels)
