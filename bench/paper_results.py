@@ -264,7 +264,7 @@ def render(cells_dir: Path, grid_cells: list[Cell], command: str) -> str:
 
 def method(configs: list[Config], cells: str) -> str:
     def named(path: str) -> str:
-        return ", ".join(c.label for c in configs if c.path == path) or "none"
+        return "; ".join(c.label for c in configs if c.path == path) or "none"
 
     return METHOD.format(split=named("split"), local=named("local"), cells=cells)
 
