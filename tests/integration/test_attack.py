@@ -92,6 +92,15 @@ def test_noise_is_measured_and_averaging_over_epochs_is_tried(tiny_dir, texts, t
     assert report["averaged"]["groups"] > 0 and "nearest" in report["averaged"]
 
 
+def test_gradient_noise_on_the_loss_rows_hides_the_labels(tiny_dir, texts, tmp_path) -> None:
+    """--grad-noise-rows loss noises exactly the rows the label attack reads (noise norm ~2e-3 sqrt(32) ~ 0.011
+    against rows clipped to 1e-3): the labels that come back in full without a defence mostly do not."""
+    report = _attack(tiny_dir("llama"), texts, tmp_path / "out", "--grad-noise", "2", "--grad-clip", "1e-3",
+                     "--grad-noise-rows", "loss")
+    assert report["defence"]["grad_noise_rows"] == "loss" and report["defence"]["grad_noise"] == 2.0
+    assert report["labels"]["rows"] > 0 and report["labels"]["labels"] < 0.5
+
+
 def test_the_attackers_text_is_disjoint_from_the_victims(texts, tmp_path) -> None:
     """Public lines that the victim's file also holds are dropped before the shadow session; none is left."""
     victim, public = texts
