@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [p for p in parts if p not in PARTS]:
         print(f"error: unknown part {bad[0]!r}; use some of {', '.join(PARTS)}", file=sys.stderr)
         return 2
-    given = argv if argv is not None else sys.argv[1:]  # the command that fills the table: not --render-only/--dry-run
-    command = shlex.join([".venv/bin/python", "bench/privacy_table.py",
-                          *(a for a in given if a not in ("--render-only", "--dry-run"))])
+    command = fill_command(argv if argv is not None else sys.argv[1:])
     pending = todo(args.cells, settings, parts)
     if args.render_only or args.dry_run or not pending:
         for s, p in pending if args.dry_run else []:
@@ -236,6 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the cloud
     return run(args, settings, pending, command)
+
+
+def fill_command(given: list[str]) -> str:
+    """The command that fills the whole table (it is resumable): this invocation's folder flags, without the flags
+    that only choose which parts run now or whether any runs."""
+    keep, skip = [], False
+    for a in given:
+        name = a.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in ("--settings", "--parts", "--max-hours"):
+            skip = "=" not in a
+        elif name not in ("--render-only", "--dry-run"):
+            keep.append(a)
+    return shlex.join([".venv/bin/python", "bench/privacy_table.py", *keep])
 
 
 def run(args: argparse.Namespace, settings: list[Setting], pending: list[tuple[Setting, str]], command: str) -> int:

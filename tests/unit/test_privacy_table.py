@@ -69,3 +69,11 @@ def test_every_setting_name_is_unique_and_its_flags_are_train_flags() -> None:
     assert len(names) == len(set(names))
     for s in privacy_table.SETTINGS:
         assert set(s.flags) <= set(TrainConfig.model_fields), s.name
+
+
+def test_the_doc_names_the_command_that_fills_the_whole_table() -> None:
+    """Not the last invocation's selection: a run of some parts, or a dry run, renders the same command line."""
+    base = ".venv/bin/python bench/privacy_table.py"
+    assert privacy_table.fill_command([]) == base
+    assert privacy_table.fill_command(["--settings", "none,edge-1", "--parts=attack", "--dry-run"]) == base
+    assert privacy_table.fill_command(["--max-hours", "2", "--cells", "c d", "--render-only"]) == base + " --cells 'c d'"
