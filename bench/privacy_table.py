@@ -69,9 +69,6 @@ SETTINGS = (
     Setting("edge-2+noise-0.15", {"edge_layers": 2, "privacy_noise": 0.15, "privacy_clip": CLIP_AFTER[2]}),
     # gradient noise on the loss rows only: the cloud learns which positions are answers, training gets less noise
     Setting("grad-noise-0.2-loss-rows", {"grad_noise": 0.2, "grad_clip": GRAD_CLIP, "grad_noise_rows": "loss"}),
-    Setting("edge-8+noise-0.15+grad-noise-0.2-loss-rows",
-            {"edge_layers": 8, "privacy_noise": 0.15, "privacy_clip": CLIP_AFTER[8], "grad_noise": 0.2,
-             "grad_clip": GRAD_CLIP, "grad_noise_rows": "loss"}),
 )
 PARTS = ("attack", *TASKS)
 
