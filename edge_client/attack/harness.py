@@ -45,7 +45,15 @@ from edge_client.attack.recovery import recover_labels, relative_gain
 from edge_client.attack.stolen_adapter import heldout_losses, save_adapter, steal_adapter
 from edge_client.remote.split_engine import SplitEngine
 from edge_client.tools.cloud_process import CloudProcess
-from edge_client.train.data import IGNORE, Batch, Example, load_examples, read_jsonl, steps_per_epoch
+from edge_client.train.data import (
+    IGNORE,
+    Batch,
+    Example,
+    load_examples,
+    next_labels,
+    read_jsonl,
+    steps_per_epoch,
+)
 from edge_client.train.engines import Engine
 from edge_client.train.model_parts import EdgeModel
 from edge_client.train.trainer import train
@@ -238,13 +246,12 @@ def averaged_attacks(victim: Session, shadow: Session, edge: EdgeModel, cfg: Tra
         right += all(parts[i] is not None and torch.equal(parts[i].input_ids[b, :n], truth) for i, b in g)  # type: ignore[union-attr]
         xs.append(torch.stack([victim.mbs[i].tensors["step_begin"][b, :n] for i, b in g]).mean(dim=0))
         ids.append(truth)
-        nxt = torch.full((p0.labels.shape[1],), IGNORE, dtype=torch.long)  # the token each position predicts
-        nxt[:-1] = p0.labels[b0, 1:]
-        loss_rows = nxt[:n] != IGNORE
-        if "hidden_grad" in victim.mbs[i0].tensors and loss_rows.any():
-            label_views.append([(victim.mbs[i].tensors["hidden"][b, :n][loss_rows],
-                                 victim.mbs[i].tensors["hidden_grad"][b, :n][loss_rows]) for i, b in g])
-            labels.append(nxt[:n][loss_rows])
+        nxt = next_labels(p0.labels[b0])[:n]  # the token each position predicts
+        scored = nxt != IGNORE
+        if "hidden_grad" in victim.mbs[i0].tensors and scored.any():
+            label_views.append([(victim.mbs[i].tensors["hidden"][b, :n][scored],
+                                 victim.mbs[i].tensors["hidden_grad"][b, :n][scored]) for i, b in g])
+            labels.append(nxt[scored])
     x, t = torch.cat(xs), torch.cat(ids)
     xs_shadow, ts_shadow, _ = rows(shadow, "step_begin")
     out: dict[str, Any] = {"groups": len(groups), "views": statistics.mean(len(g) for g in groups),
@@ -266,9 +273,7 @@ def label_attack(victim: Session, edge: EdgeModel) -> dict[str, Any]:
             continue
         keep = positions("hidden_grad", part)
         guesses.append(recover_labels([(m.tensors["hidden"][keep], m.tensors["hidden_grad"][keep])], head))
-        labels = torch.full_like(part.labels, IGNORE)
-        labels[:, :-1] = part.labels[:, 1:]
-        truth.append(labels[keep])
+        truth.append(next_labels(part.labels)[keep])
     if not truth:
         return {"rows": 0, "labels": None}
     y = torch.cat(truth)

@@ -12,7 +12,7 @@ import torch
 
 from common.recording import RecordedMicroBatch
 from edge_client.attack.probes import trr
-from edge_client.train.data import IGNORE, Batch
+from edge_client.train.data import Batch, loss_rows
 
 NOT_ATTACKED = ("attention_mask", "lora_A", "lora_B")  # the mask is public shape; weights: the adapter attack
 
@@ -42,11 +42,7 @@ def positions(name: str, part: Batch) -> torch.Tensor:
     that carry a loss (the next token has a label); its other rows are exactly zero. Other gradients:
     every token (the loss reaches them through attention)."""
     mask = part.attention_mask.bool()
-    if name == "hidden_grad":
-        loss = torch.zeros_like(mask)
-        loss[:, :-1] = part.labels[:, 1:] != IGNORE
-        return loss
-    return mask
+    return loss_rows(part.labels) if name == "hidden_grad" else mask
 
 
 def rows(session: Session, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

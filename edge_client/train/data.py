@@ -141,6 +141,19 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return -(-n_examples // batch_size)
 
 
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels (..., T) shifted to the token each position predicts: position t gets labels[..., t + 1], the last
+    position IGNORE (it predicts nothing)."""
+    out = torch.full_like(labels, IGNORE)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def loss_rows(labels: torch.Tensor) -> torch.Tensor:
+    """(..., T) bool: the positions whose logits lm_loss scores, i.e. whose next label is not IGNORE."""
+    return next_labels(labels) != IGNORE
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Summed next-token cross-entropy over label tokens, divided by n_tokens.
 

@@ -71,7 +71,7 @@ import torch
 
 from common.config import TrainConfig
 from common.errors import ConfigError
-from edge_client.train.data import IGNORE
+from edge_client.train.data import loss_rows
 
 NOISED_TENSORS: tuple[str, ...] = ("inputs", "hidden_grad")  # the key's `which`: index in this tuple
 
@@ -154,10 +154,3 @@ class PrivacyNoise:
         rows = loss_rows(labels).to(mask.device) & mask.bool() if self.grad_rows == "loss" else mask
         return self._apply("hidden_grad", g, rows, step, micro_batch)
 
-
-def loss_rows(labels: torch.Tensor) -> torch.Tensor:
-    """(b, t) bool: the positions whose logits are scored, i.e. whose next label is not IGNORE (position t
-    predicts labels[:, t + 1]; the last position predicts nothing)."""
-    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    rows[:, :-1] = labels[:, 1:] != IGNORE
-    return rows

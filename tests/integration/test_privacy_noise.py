@@ -20,8 +20,8 @@ from common.config import TrainConfig
 from common.pb.dlora.v1 import dlora_pb2 as pb
 from edge_client.app.cli import main as dlora_main
 from edge_client.remote.split_engine import SplitEngine
-from edge_client.train.data import Batch, collate, load_examples
-from edge_client.train.privacy import clip_and_noise, loss_rows, noise_key
+from edge_client.train.data import Batch, collate, load_examples, loss_rows
+from edge_client.train.privacy import clip_and_noise, noise_key
 
 
 def _step(cfg: TrainConfig, batch_of: int = 6, step: int = 0) -> tuple[float, list[torch.Tensor], SplitEngine, Batch]:

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from common.config import TrainConfig, flag_error
 from common.errors import ConfigError
 from common.lora_math import dropout_key
-from edge_client.train.data import IGNORE
-from edge_client.train.privacy import PrivacyNoise, clip_and_noise, clip_rows, loss_rows, noise_key
+from edge_client.train.data import IGNORE, loss_rows
+from edge_client.train.privacy import PrivacyNoise, clip_and_noise, clip_rows, noise_key
 
 TRAIN: dict[str, Any] = {"model": Path("m"), "data": Path("d.jsonl"), "output": Path("out")}
 
