@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 KillMode = Literal["frozen", "detached", "dropped"]
 StepProtocolName = Literal["layerwise", "adapter"]  # dlora.v1.StepProtocol, lower case, in enum order
+GradNoiseRows = Literal["all", "loss"]  # which dL/dh rows --grad-noise noises
 WeightCodec = Literal["float32", "bfloat16"]  # the adapter protocol's codecs for LoRA weights and their gradients
 Device = Literal["cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -27,6 +28,7 @@ KILL_MODES: tuple[str, ...] = get_args(KillMode)  # what --kill-mode accepts
 DEVICES: tuple[str, ...] = get_args(Device)  # what --device (and the bench's --cloud-device) accept
 STEP_PROTOCOLS: tuple[str, ...] = get_args(StepProtocolName)  # what --protocol accepts
 WEIGHT_CODECS: tuple[str, ...] = get_args(WeightCodec)  # what --weights-wire accepts
+GRAD_NOISE_ROWS: tuple[str, ...] = get_args(GradNoiseRows)  # what --grad-noise-rows accepts
 DTYPES: tuple[str, ...] = get_args(Dtype)  # what --dtype (and the bench's --local-dtype, --cloud-dtype) accept
 MAX_MESSAGE_MB = 512  # gRPC send/receive limit, set on both ends: the cloud's and the device's default
 
@@ -128,7 +130,7 @@ class TrainConfig(_Frozen):
     # which dL/dh rows get clipped and noised: every real row (the cloud cannot tell prompt from answer), or only
     # the rows that carry a loss (the others go up as the exact zeros they are: less noise in training, but the
     # cloud sees which positions are answers)
-    grad_noise_rows: Literal["all", "loss"] = "all"
+    grad_noise_rows: GradNoiseRows = "all"
     noise_seed: int | None = Field(None, ge=0, lt=1 << 63, repr=False)  # keys the noise (a secret); None: fresh per process.
     # Never derived from `seed`: the adapter protocol sends that to the cloud, which could then subtract the noise
     connect_timeout_s: float = Field(15.0, gt=0)  # to reach the cloud at session start

@@ -212,8 +212,8 @@ def train_config(args: argparse.Namespace, split: bool) -> TrainConfig:
         given["budget"] = None if args.budget == "all" else int(args.budget)
     if args.targets:
         given["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    noise = [f for f in ("privacy_noise", "privacy_clip", "grad_noise", "grad_clip", "grad_noise_rows",
-                                  "noise_seed") if f in given]
+    noise_fields = ("privacy_noise", "privacy_clip", "grad_noise", "grad_clip", "grad_noise_rows", "noise_seed")
+    noise = [f for f in noise_fields if f in given]
     if noise and not split:
         flags = ", ".join("--" + f.replace("_", "-") for f in noise)
         raise ConfigError(f"{flags}: local-train sends nothing up, so there is nothing to noise; use dlora train "

@@ -7,7 +7,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from common.config import KILL_MODES, STEP_PROTOCOLS, WEIGHT_CODECS, ServeConfig, TrainConfig, field_default
+from common.config import (
+    GRAD_NOISE_ROWS,
+    KILL_MODES,
+    STEP_PROTOCOLS,
+    WEIGHT_CODECS,
+    ServeConfig,
+    TrainConfig,
+    field_default,
+)
 from common.wire.protocol import WIRE_CODECS
 
 
@@ -50,7 +58,7 @@ def privacy_flags(p: argparse.ArgumentParser) -> None:
                         f"changes training (default {default('grad_noise'):g}: off)")
     p.add_argument("--grad-clip", type=float, default=None, metavar="C",
                    help="train: L2 norm each dL/dh row is clipped to (default: no clipping)")
-    p.add_argument("--grad-noise-rows", choices=("all", "loss"), default=None,
+    p.add_argument("--grad-noise-rows", choices=GRAD_NOISE_ROWS, default=None,
                    help="train: which dL/dh rows get --grad-noise: every real row, so the cloud cannot tell prompt "
                         "from answer; or only the rows that carry a loss (far less noise in training; the cloud "
                         f"sees which positions are answers) (default {default('grad_noise_rows')})")

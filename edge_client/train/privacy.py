@@ -69,7 +69,7 @@ import struct
 
 import torch
 
-from common.config import TrainConfig
+from common.config import GRAD_NOISE_ROWS, GradNoiseRows, TrainConfig
 from common.errors import ConfigError
 from edge_client.train.data import loss_rows
 
@@ -118,12 +118,12 @@ class PrivacyNoise:
         secret: int,
         inputs: tuple[float, float | None] = (0.0, None),
         hidden_grad: tuple[float, float | None] = (0.0, None),
-        grad_rows: str = "all",
+        grad_rows: GradNoiseRows = "all",
     ) -> None:
         """secret: keys the noise (keep it from the cloud); inputs, hidden_grad: (sigma, clip norm or None);
         grad_rows: "all" real rows of dL/dh, or only the "loss" rows."""
-        if grad_rows not in ("all", "loss"):
-            raise ConfigError(f"--grad-noise-rows={grad_rows!r}: use all or loss")
+        if grad_rows not in GRAD_NOISE_ROWS:
+            raise ConfigError(f"--grad-noise-rows={grad_rows!r}: use {' or '.join(GRAD_NOISE_ROWS)}")
         self.secret = secret
         self.knobs = {"inputs": inputs, "hidden_grad": hidden_grad}
         self.grad_rows = grad_rows
