@@ -218,12 +218,18 @@ def shown(path: Path) -> str:
     return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
 
 
-def render(cells_dir: Path, grid_cells: list[Cell], command: str) -> str:
-    """The generated part of docs/results.md (everything above the READING marker)."""
-    cells = load_cells(cells_dir)
-    tasks = [t for t in TASKS if any(c.task == t for c in grid_cells)]  # the paper's order, then any other
+def columns(grid_cells: list[Cell]) -> tuple[list[str], list[Config]]:
+    """The tasks (the paper's order, then any other) and configurations of a grid, as the tables show them."""
+    tasks = [t for t in TASKS if any(c.task == t for c in grid_cells)]
     tasks += [t for t in dict.fromkeys(c.task for c in grid_cells) if t not in tasks]
-    configs = list(dict.fromkeys(c.config for c in grid_cells))
+    return tasks, list(dict.fromkeys(c.config for c in grid_cells))
+
+
+def render(cells_dir: Path, grid_cells: list[Cell], command: str, picture: str | None = None) -> str:
+    """The generated part of docs/results.md (everything above the READING marker); `picture`, the file
+    name of paper_figure's drawing beside the page, is shown under the intervals."""
+    cells = load_cells(cells_dir)
+    tasks, configs = columns(grid_cells)
     mine = [cells[k] for k in ((c.task, c.config.name, c.seed) for c in grid_cells) if k in cells]
     todo = [c for c in grid_cells if (c.task, c.config.name, c.seed) not in cells]
     left = sum(estimate_s(c, mine) for c in todo)
@@ -252,8 +258,13 @@ def render(cells_dir: Path, grid_cells: list[Cell], command: str) -> str:
             "Accuracy difference to all modules in points, with a paired 95% interval over the test items (normal "
             "approximation of the per-item differences; for one seed the Wald interval of McNemar's setting, "
             "`paired_ci` in bench/paper_results.py). Where both have two seeds, each item's correctness is averaged "
-            "over the seeds first; the interval counts the sampling of test items, not of seeds.", "",
-            *interval_table(cells, tasks, configs), "", "## Bytes per epoch", "",
+            "over the seeds first, otherwise the seed they share (s0) is paired; the interval counts the sampling of "
+            "test items, not of seeds.", "", *interval_table(cells, tasks, configs), "",
+            *([f"![Kill-and-Revive against all modules: accuracy difference and bytes per epoch, per task]({picture})",
+               "", "Each point is one configuration: its bytes per epoch as a share of all modules' (x) and its "
+               "accuracy difference with the interval above (y); shaded, the paper's \"within about 4 points\". "
+               "Drawn by `bench/paper_figure.py` with the page.", ""] if picture else []),
+            "## Bytes per epoch", "",
             "GB per epoch (mean of the epochs, warm-up included) by the DESIGN.md formula for each step's batch shape "
             "and the epoch's layer roles (common/wire/cost.py), and the ratio to all modules on the same task. "
             "Split cells also measured their payloads; `bench/paper_tables.py` records both and they are equal.", "",
@@ -292,7 +303,8 @@ CAP_REASON = (
 
 
 def write_doc(doc: Path, cells_dir: Path, grid_cells: list[Cell], command: str) -> None:
-    """Render the tables into `doc`, keeping what follows the READING marker of an existing file."""
+    """Render the tables into `doc` and the picture beside it (`doc` with .png), keeping what follows the
+    READING marker of an existing file."""
     reading = "\n## Reading\n\nTo be written once the grid has run: where KR holds and where it does not, against " \
               "the paper's claim of KR within about 4 points of training every module, and which kill mode to " \
               "recommend.\n"
@@ -300,7 +312,11 @@ def write_doc(doc: Path, cells_dir: Path, grid_cells: list[Cell], command: str) 
         text = doc.read_text()
         if READING in text:
             reading = text.split(READING, 1)[1]
+    from paper_figure import draw  # imported here: it draws from this module's functions
+
     doc.parent.mkdir(parents=True, exist_ok=True)
+    picture = doc.with_suffix(".png")
+    drawn = draw(load_cells(cells_dir), *columns(grid_cells), picture)
     tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(render(cells_dir, grid_cells, command) + READING + reading)
+    tmp.write_text(render(cells_dir, grid_cells, command, picture.name if drawn else None) + READING + reading)
     tmp.replace(doc)

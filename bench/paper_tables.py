@@ -9,7 +9,7 @@ task's held-out items, then lands as one JSON file under --cells (accuracy, per-
 losses, bytes per epoch, seconds, commit, machine, date, settings), written atomically. A run skips the
 cells whose file exists, so a killed run picks up at the cell it was in (that cell starts again: its
 adapter and metrics under --runs are scratch). docs/results.md is rendered again after every cell,
-from whatever cells exist (bench/paper_results.py).
+from whatever cells exist (bench/paper_results.py), with its picture docs/results.png (bench/paper_figure.py).
 
 - `split` cells train as `dlora train` does: SplitEngine + the trainer through a `dlora-cloud serve`
   child process (the codec of the configuration on the wire); `local` cells as `dlora local-train`

@@ -94,6 +94,7 @@ def test_grid_runs_every_kind_of_cell_renders_and_skips_finished_cells(tiny_grid
     assert "**10 of 10 cells finished.**" in text and "| all modules | " in text and "gain over zero-shot" in text
     assert "| KR 1/3 dropped | " in text and " [" in text and "(none yet)" not in text
     assert "| colours/kr1-dropped/s0 | local |" in text
+    assert "](results.png)" in text and (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def no_training(*_: object) -> None:
         raise AssertionError("a finished cell ran again")
@@ -171,6 +172,28 @@ def test_paired_interval_on_a_hand_made_example():
     assert paper_results.versus_reference(cells, "t", kr) is None
 
 
+def test_the_picture_places_each_configuration_by_its_bytes_and_its_paired_difference(tmp_path):
+    """Hand-made cells: KR sends 3 of all modules' 4 GB an epoch (x = 0.75) and gets 2 more items of 10
+    right (Δ = +20 points, the interval of paired_ci); a configuration without a cell is not drawn."""
+    import paper_figure
+
+    def rec(config: str, right: list[int], gb: list[float]) -> dict:
+        return {"task": "t", "config": config, "seed": 0, "answers": [0] * 10, "accuracy": sum(right) / 10,
+                "predictions": [0 if ok else 1 for ok in right], "bytes_per_epoch": [g * 1e9 for g in gb]}
+
+    configs = [TINY[0], Config("all", "all modules", "split"), TINY[2], TINY[3]]
+    cells = {("t", "zero-shot", 0): rec("zero-shot", [1] * 3 + [0] * 7, []),
+             ("t", "all", 0): rec("all", [1] * 5 + [0] * 5, [5.0, 3.0]),
+             ("t", "kr1-detached-int8", 0): rec("kr1-detached-int8", [1] * 7 + [0] * 3, [4.0, 2.0])}
+    [(config, share, mid, lo, hi)] = paper_figure.points_of(cells, "t", configs)
+    want = paper_results.paired_ci([0] * 5 + [1, 1] + [0] * 3)
+    assert config.name == "kr1-detached-int8" and share == pytest.approx(0.75)
+    assert (mid, lo, hi) == pytest.approx(tuple(100 * w for w in want))
+    assert paper_figure.title(cells, "t", configs) == "t: all modules 0.500\ngain over zero-shot +20.0"
+    assert paper_figure.draw(cells, ["t", "u"], configs, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size
+    assert not paper_figure.draw(cells, ["u"], configs, tmp_path / "q.png") and not (tmp_path / "q.png").exists()
+
+
 def test_the_grid_is_the_issues():
     by = {c.name: c for c in CONFIGS}
     assert list(by) == ["zero-shot", "all", "kr15-detached", "kr15-dropped", "kr8-detached", "kr8-dropped",
@@ -190,6 +213,7 @@ def test_render_only_shows_what_is_left_and_keeps_the_reading(tmp_path):
     assert paper_tables.main(args) == 0
     text = doc.read_text()
     assert "**0 of 54 cells finished.** 54 not yet run" in text and "| zero-shot | - | - | - | - | - | - | - |" in text
+    assert "results.png" not in text and not (tmp_path / "results.png").exists()  # nothing to draw yet
     doc.write_text(text.replace("To be written once the grid has run", "KR holds on ARC"))
     assert paper_tables.main(args) == 0
     assert "KR holds on ARC" in doc.read_text() and doc.read_text().count(paper_results.READING) == 1
