@@ -97,7 +97,7 @@ def draw(cells: Cells, tasks: list[str], configs: list[Config], out: Path) -> bo
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(
         f"Kill-and-Revive against all modules: paired 95% intervals; shaded, the paper's "
         f"'within about {PAPER_CLAIM_POINTS:g} points'",

@@ -38,6 +38,9 @@ class Config:
     kill_mode: KillMode = "detached"  # what a killed module costs (irrelevant when budget is None)
     wire: str = "float32"  # codec of the exchange, both directions (split only)
     seeds: tuple[int, ...] = (0,)  # training seeds (LoRA init, data order, dropout); the task split stays seed 0
+    # a check, not a column: the configuration named here trained the other way (split against local-train);
+    # shown beside it under "Split against local-train", left out of the paper's tables and the picture
+    twin: str | None = None
 
     def spec(self) -> dict[str, Any]:
         """What a cell of this configuration was run with (compared before a cell counts as finished)."""
@@ -52,6 +55,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("kr8-detached", "KR 8/30 detached", "local", 8, "detached", seeds=(0, 1)),
     Config("kr8-dropped", "KR 8/30 dropped", "local", 8, "dropped"),
     Config("kr15-detached-int8", "KR 15/30 detached, int8", "split", 15, "detached", wire="int8"),
+    Config("kr15-detached-local", "KR 15/30 detached, local-train", "local", 15, "detached", twin="kr15-detached"),
 )
 REFERENCE = "all"  # what every KR configuration is compared with
 ZERO_SHOT = "zero-shot"

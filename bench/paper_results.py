@@ -25,6 +25,7 @@ from paper_grid import (
     Cell,
     Config,
     Settings,
+    config_named,
     estimate_s,
     hours,
     load_cells,
@@ -62,14 +63,18 @@ def seeds_of(cells: Cells, task: str, config: Config) -> list[dict[str, Any]]:
     return [cells[(task, config.name, s)] for s in config.seeds if (task, config.name, s) in cells]
 
 
-def versus_reference(cells: Cells, task: str, config: Config) -> tuple[float, float, float] | None:
-    """Accuracy of `config` minus all modules' on `task`, paired per item over the seeds both have run;
-    None where they share no seed or were not scored on the same items."""
-    seeds = [s for s in config.seeds if (task, config.name, s) in cells and (task, REFERENCE, s) in cells]
+def shared_seeds(cells: Cells, task: str, config: Config, reference: str) -> list[int]:
+    return [s for s in config.seeds if (task, config.name, s) in cells and (task, reference, s) in cells]
+
+
+def versus_reference(cells: Cells, task: str, config: Config, reference: str = REFERENCE) -> tuple[float, float, float] | None:
+    """Accuracy of `config` minus `reference`'s (all modules) on `task`, paired per item over the seeds both
+    have run; None where they share no seed or were not scored on the same items."""
+    seeds = shared_seeds(cells, task, config, reference)
     if not seeds:
         return None
     ours = [cells[(task, config.name, s)] for s in seeds]
-    theirs = [cells[(task, REFERENCE, s)] for s in seeds]
+    theirs = [cells[(task, reference, s)] for s in seeds]
     if any(r["answers"] != ours[0]["answers"] for r in ours + theirs):
         return None  # not the same test items: no pairing
     a = [sum(col) / len(col) for col in zip(*(correctness(r) for r in ours))]
@@ -150,6 +155,45 @@ def bytes_table(cells: Cells, tasks: list[str], configs: list[Config]) -> list[s
     return table(["GB per epoch", *(TASK_LABELS.get(t, t) for t in tasks)], rows)
 
 
+PATH_NAMES = {"split": "split (`dlora train`)", "local": "local-train"}
+
+
+def twin_table(cells: Cells, tasks: list[str], check: Config) -> list[str]:
+    """`check` against its twin, the same configuration trained the other way, task by task: accuracy, the
+    paired difference, how many test items got the same answer, and the final training loss."""
+    twin = config_named(check.twin or "")
+    rows = []
+    for t in tasks:
+        seeds = shared_seeds(cells, t, check, twin.name)
+        diff = versus_reference(cells, t, check, twin.name)
+        if not seeds or diff is None:
+            continue
+        ours = [cells[(t, check.name, s)] for s in seeds]
+        theirs = [cells[(t, twin.name, s)] for s in seeds]
+        same = sum(p == q for a, b in zip(ours, theirs) for p, q in zip(a["predictions"], b["predictions"]))
+        total = sum(len(a["predictions"]) for a in ours)
+        rows.append([TASK_LABELS.get(t, t), f"{mean_accuracy(theirs):.3f}", f"{mean_accuracy(ours):.3f}",
+                     f"{points(diff[0])} [{points(diff[1])}, {points(diff[2])}]", f"{same}/{total}",
+                     " / ".join(f"{r['epoch_losses'][-1]:.4f}" for r in (*theirs, *ours))])
+    if not rows:
+        return ["(no task has both yet)"]
+    return table(["task", PATH_NAMES[twin.path], PATH_NAMES[check.path], "Δ points [95%]", "same answer",
+                  "final loss (" + ", ".join((PATH_NAMES[twin.path].split()[0], PATH_NAMES[check.path])) + ")"], rows)
+
+
+def twin_lines(cells: Cells, tasks: list[str], checks: list[Config]) -> list[str]:
+    out: list[str] = []
+    for check in checks:
+        twin = config_named(check.twin or "")
+        out += [f"## Split against local-train: {twin.label}", "",
+                f"The same configuration trained both ways with the same seed: {PATH_NAMES[twin.path]} (the cells of "
+                f"the tables above) against {PATH_NAMES[check.path]} (`{check.name}` cells). Both compute what PEFT "
+                "computes up to float32 round-off (README \"Exactly what PEFT computes\"), so the difference should be "
+                "round-off grown over the AdamW steps: equal losses to a few decimals and the same answer on nearly "
+                "every item, not bit for bit.", "", *twin_table(cells, tasks, check), ""]
+    return out
+
+
 def cells_table(cells: Cells, grid_cells: list[Cell]) -> list[str]:
     """One row per finished cell of the grid, in run order."""
     rows = []
@@ -219,10 +263,11 @@ def shown(path: Path) -> str:
 
 
 def columns(grid_cells: list[Cell]) -> tuple[list[str], list[Config]]:
-    """The tasks (the paper's order, then any other) and configurations of a grid, as the tables show them."""
+    """The tasks (the paper's order, then any other) and configurations of a grid, as the paper's tables and
+    the picture show them: the checks of a twin (`Config.twin`) are left out, `twin_lines` shows them."""
     tasks = [t for t in TASKS if any(c.task == t for c in grid_cells)]
     tasks += [t for t in dict.fromkeys(c.task for c in grid_cells) if t not in tasks]
-    return tasks, list(dict.fromkeys(c.config for c in grid_cells))
+    return tasks, [c for c in dict.fromkeys(c.config for c in grid_cells) if c.twin is None]
 
 
 def render(cells_dir: Path, grid_cells: list[Cell], command: str, picture: str | None = None) -> str:
@@ -230,6 +275,7 @@ def render(cells_dir: Path, grid_cells: list[Cell], command: str, picture: str |
     name of paper_figure's drawing beside the page, is shown under the intervals."""
     cells = load_cells(cells_dir)
     tasks, configs = columns(grid_cells)
+    checks = [c for c in dict.fromkeys(c.config for c in grid_cells) if c.twin is not None]
     mine = [cells[k] for k in ((c.task, c.config.name, c.seed) for c in grid_cells) if k in cells]
     todo = [c for c in grid_cells if (c.task, c.config.name, c.seed) not in cells]
     left = sum(estimate_s(c, mine) for c in todo)
@@ -268,7 +314,7 @@ def render(cells_dir: Path, grid_cells: list[Cell], command: str, picture: str |
             "GB per epoch (mean of the epochs, warm-up included) by the DESIGN.md formula for each step's batch shape "
             "and the epoch's layer roles (common/wire/cost.py), and the ratio to all modules on the same task. "
             "Split cells also measured their payloads; `bench/paper_tables.py` records both and they are equal.", "",
-            *bytes_table(cells, tasks, configs), "", "## Provenance", "", *provenance_lines(mine), "",
+            *bytes_table(cells, tasks, configs), "", *twin_lines(cells, tasks, checks), "## Provenance", "", *provenance_lines(mine), "",
             "## Cells", "", *cells_table(cells, grid_cells), ""]
     return "\n".join(out) + "\n"
 

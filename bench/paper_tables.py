@@ -14,6 +14,8 @@ from whatever cells exist (bench/paper_results.py), with its picture docs/result
 - `split` cells train as `dlora train` does: SplitEngine + the trainer through a `dlora-cloud serve`
   child process (the codec of the configuration on the wire); `local` cells as `dlora local-train`
   (LocalEngine: the same Kill-and-Revive policy and kill modes in one process, float32 round-off apart).
+  `kr15-detached-local` is a check, not a column: KR 15/30 detached trained as local-train, shown against
+  its split cells under "Split against local-train" (issue 17: the split trains as well as local-train).
 - Accuracy goes through the split path, as `dlora eval` does: the exported adapter over a float32 link.
 - Bytes per epoch: the DESIGN.md formula (common/wire/cost.py) on every step's batch shape and that
   epoch's layer roles (kill mode, active set from kr_log.jsonl); split cells also record what their

@@ -194,17 +194,40 @@ def test_the_picture_places_each_configuration_by_its_bytes_and_its_paired_diffe
     assert not paper_figure.draw(cells, ["u"], configs, tmp_path / "q.png") and not (tmp_path / "q.png").exists()
 
 
+def test_a_twin_is_shown_against_the_configuration_it_checks_not_in_the_papers_tables(tmp_path):
+    """Hand-made cells: the local-train twin of a split configuration answers 9 of 10 items alike and gets
+    one more right: Δ = +10 points with paired_ci's interval; it has no row in the paper's tables."""
+    split = Config("kr15-detached", "KR 15/30 detached", "split", 15)
+    local = Config("kr15-detached-local", "KR 15/30 detached, local-train", "local", 15, twin="kr15-detached")
+
+    def rec(config: str, predictions: list[int], loss: float) -> dict:
+        return {"task": "arc_easy", "config": config, "seed": 0, "answers": [0] * 10, "predictions": predictions,
+                "accuracy": predictions.count(0) / 10, "epoch_losses": [3.0, loss], "bytes_per_epoch": [2e9, 1e9]}
+
+    cells = {("arc_easy", "kr15-detached", 0): rec("kr15-detached", [0] * 6 + [1] * 4, 2.48213),
+             ("arc_easy", "kr15-detached-local", 0): rec("kr15-detached-local", [0] * 7 + [1] * 3, 2.48207)}
+    lines = paper_results.twin_table(cells, ["arc_easy", "piqa"], local)
+    half = paper_results.Z95 * math.sqrt(1 - 1 / 10) / 10
+    assert lines[0] == "| task | split (`dlora train`) | local-train | Δ points [95%] | same answer | final loss (split, " \
+                       "local-train) |"
+    assert lines[2:] == [f"| ARC-e | 0.600 | 0.700 | +10.0 [{paper_results.points(0.1 - half)}, "
+                         f"{paper_results.points(0.1 + half)}] | 9/10 | 2.4821 / 2.4821 |"]  # no piqa cells: no row
+    tasks, configs = paper_results.columns([Cell("arc_easy", c, 0) for c in (split, local)])
+    assert configs == [split]  # the paper's tables and the picture leave the twin out
+
+
 def test_the_grid_is_the_issues():
     by = {c.name: c for c in CONFIGS}
     assert list(by) == ["zero-shot", "all", "kr15-detached", "kr15-dropped", "kr8-detached", "kr8-dropped",
-                        "kr15-detached-int8"]
+                        "kr15-detached-int8", "kr15-detached-local"]
     assert {n for n, c in by.items() if c.path == "split"} == {"all", "kr15-detached", "kr15-detached-int8"}
+    assert by["kr15-detached-local"].twin == "kr15-detached" and by["kr15-detached-local"].path == "local"
     assert by["kr15-detached-int8"].wire == "int8" and by["kr8-dropped"].budget == 8
     assert {n for n, c in by.items() if len(c.seeds) == 2} == {"all", "kr8-detached"}
     s = Settings()
     assert (s.epochs, s.warmup_epochs, s.revive, s.lr, s.batch_size, s.rank, s.targets, s.test_items) == (
         4, 1, 2, 1e-3, 16, 8, ("q_proj", "k_proj", "v_proj"), 300)
-    assert len(grid(paper_grid.RUN_ORDER, CONFIGS)) == 6 * 9 and set(paper_grid.RUN_ORDER) == set(paper_grid.TASKS)
+    assert len(grid(paper_grid.RUN_ORDER, CONFIGS)) == 6 * 10 and set(paper_grid.RUN_ORDER) == set(paper_grid.TASKS)
 
 
 def test_render_only_shows_what_is_left_and_keeps_the_reading(tmp_path):
@@ -212,7 +235,7 @@ def test_render_only_shows_what_is_left_and_keeps_the_reading(tmp_path):
     args = ["--render-only", "--cells", str(tmp_path / "cells"), "--doc", str(doc)]
     assert paper_tables.main(args) == 0
     text = doc.read_text()
-    assert "**0 of 54 cells finished.** 54 not yet run" in text and "| zero-shot | - | - | - | - | - | - | - |" in text
+    assert "**0 of 60 cells finished.** 60 not yet run" in text and "| zero-shot | - | - | - | - | - | - | - |" in text
     assert "results.png" not in text and not (tmp_path / "results.png").exists()  # nothing to draw yet
     doc.write_text(text.replace("To be written once the grid has run", "KR holds on ARC"))
     assert paper_tables.main(args) == 0
