@@ -158,6 +158,11 @@ def bytes_table(cells: Cells, tasks: list[str], configs: list[Config]) -> list[s
 PATH_NAMES = {"split": "split (`dlora train`)", "local": "local-train"}
 
 
+def commit_text(record: dict[str, Any]) -> str:
+    """The commit a cell ran on, short, with + where the checkout had changes (listed under Provenance)."""
+    return record["commit"][:9] + ("+" if record.get("changed_files") else "")
+
+
 def twin_table(cells: Cells, tasks: list[str], check: Config) -> list[str]:
     """`check` against its twin, the same configuration trained the other way, task by task: accuracy, the
     paired difference, how many test items got the same answer, and the final training loss."""
@@ -172,13 +177,16 @@ def twin_table(cells: Cells, tasks: list[str], check: Config) -> list[str]:
         theirs = [cells[(t, twin.name, s)] for s in seeds]
         same = sum(p == q for a, b in zip(ours, theirs) for p, q in zip(a["predictions"], b["predictions"]))
         total = sum(len(a["predictions"]) for a in ours)
+        commits = dict.fromkeys(commit_text(r) for r in (*theirs, *ours))
         rows.append([TASK_LABELS.get(t, t), f"{mean_accuracy(theirs):.3f}", f"{mean_accuracy(ours):.3f}",
                      f"{points(diff[0])} [{points(diff[1])}, {points(diff[2])}]", f"{same}/{total}",
-                     " / ".join(f"{r['epoch_losses'][-1]:.4f}" for r in (*theirs, *ours))])
+                     " / ".join(f"{r['epoch_losses'][-1]:.5f}" for r in (*theirs, *ours)),
+                     " / ".join(commits) + ("" if len({r["commit"] for r in (*theirs, *ours)}) == 1 else " **differ**")])
     if not rows:
         return ["(no task has both yet)"]
     return table(["task", PATH_NAMES[twin.path], PATH_NAMES[check.path], "Δ points [95%]", "same answer",
-                  "final loss (" + ", ".join((PATH_NAMES[twin.path].split()[0], PATH_NAMES[check.path])) + ")"], rows)
+                  "final loss (" + ", ".join((PATH_NAMES[twin.path].split()[0], PATH_NAMES[check.path])) + ")", "commit"],
+                 rows)
 
 
 def twin_lines(cells: Cells, tasks: list[str], checks: list[Config]) -> list[str]:
@@ -190,7 +198,9 @@ def twin_lines(cells: Cells, tasks: list[str], checks: list[Config]) -> list[str
                 f"the tables above) against {PATH_NAMES[check.path]} (`{check.name}` cells). Both compute what PEFT "
                 "computes up to float32 round-off (README \"Exactly what PEFT computes\"), so the difference should be "
                 "round-off grown over the AdamW steps: equal losses to a few decimals and the same answer on nearly "
-                "every item, not bit for bit.", "", *twin_table(cells, tasks, check), ""]
+                "every item, not bit for bit. That holds only for cells of one commit (the last column): a change of "
+                "the training code between two commits, such as drawing other dropout masks, is a difference that is "
+                "not the path's.", "", *twin_table(cells, tasks, check), ""]
     return out
 
 
@@ -203,7 +213,7 @@ def cells_table(cells: Cells, grid_cells: list[Cell]) -> list[str]:
             continue
         loss = f"{r['epoch_losses'][-1]:.3f}" if r["epoch_losses"] else "-"
         gb = f"{sum(r['bytes_per_epoch']) / 1e9:.2f}" if r["bytes_per_epoch"] else "-"
-        commit = r["commit"][:9] + ("+" if r.get("changed_files") else "")
+        commit = commit_text(r)
         rows.append([cell.id, cell.config.path, f"{r['accuracy']:.3f}", f"{r['correct']}/{r['total']}", str(r["train_items"]),
                      loss, gb, f"{r['seconds'] / 60:.1f}", commit, r["date"][:10]])
     if not rows:

@@ -200,18 +200,22 @@ def test_a_twin_is_shown_against_the_configuration_it_checks_not_in_the_papers_t
     split = Config("kr15-detached", "KR 15/30 detached", "split", 15)
     local = Config("kr15-detached-local", "KR 15/30 detached, local-train", "local", 15, twin="kr15-detached")
 
-    def rec(config: str, predictions: list[int], loss: float) -> dict:
+    def rec(config: str, predictions: list[int], loss: float, commit: str = "c3e6f488ef15") -> dict:
         return {"task": "arc_easy", "config": config, "seed": 0, "answers": [0] * 10, "predictions": predictions,
-                "accuracy": predictions.count(0) / 10, "epoch_losses": [3.0, loss], "bytes_per_epoch": [2e9, 1e9]}
+                "accuracy": predictions.count(0) / 10, "epoch_losses": [3.0, loss], "bytes_per_epoch": [2e9, 1e9],
+                "commit": commit, "changed_files": []}
 
     cells = {("arc_easy", "kr15-detached", 0): rec("kr15-detached", [0] * 6 + [1] * 4, 2.48213),
              ("arc_easy", "kr15-detached-local", 0): rec("kr15-detached-local", [0] * 7 + [1] * 3, 2.48207)}
     lines = paper_results.twin_table(cells, ["arc_easy", "piqa"], local)
     half = paper_results.Z95 * math.sqrt(1 - 1 / 10) / 10
     assert lines[0] == "| task | split (`dlora train`) | local-train | Δ points [95%] | same answer | final loss (split, " \
-                       "local-train) |"
-    assert lines[2:] == [f"| ARC-e | 0.600 | 0.700 | +10.0 [{paper_results.points(0.1 - half)}, "
-                         f"{paper_results.points(0.1 + half)}] | 9/10 | 2.4821 / 2.4821 |"]  # no piqa cells: no row
+                       "local-train) | commit |"
+    interval = f"[{paper_results.points(0.1 - half)}, {paper_results.points(0.1 + half)}]"
+    assert lines[2:] == [f"| ARC-e | 0.600 | 0.700 | +10.0 {interval} | 9/10 | 2.48213 / 2.48207 | c3e6f488e |"]  # no piqa
+    # cells of two commits are flagged: the training code may have changed between them
+    cells[("arc_easy", "kr15-detached-local", 0)].update(commit="ef0ce21c0ab", changed_files=["bench/paper_grid.py"])
+    assert paper_results.twin_table(cells, ["arc_easy"], local)[2].endswith("| c3e6f488e / ef0ce21c0+ **differ** |")
     tasks, configs = paper_results.columns([Cell("arc_easy", c, 0) for c in (split, local)])
     assert configs == [split]  # the paper's tables and the picture leave the twin out
 
