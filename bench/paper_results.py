@@ -181,7 +181,7 @@ def twin_table(cells: Cells, tasks: list[str], check: Config) -> list[str]:
         rows.append([TASK_LABELS.get(t, t), f"{mean_accuracy(theirs):.3f}", f"{mean_accuracy(ours):.3f}",
                      f"{points(diff[0])} [{points(diff[1])}, {points(diff[2])}]", f"{same}/{total}",
                      " / ".join(f"{r['epoch_losses'][-1]:.5f}" for r in (*theirs, *ours)),
-                     " / ".join(commits) + ("" if len({r["commit"] for r in (*theirs, *ours)}) == 1 else " **differ**")])
+                     " / ".join(commits) + ("" if len({r["commit"] for r in (*theirs, *ours)}) == 1 else " (two commits)")])
     if not rows:
         return ["(no task has both yet)"]
     return table(["task", PATH_NAMES[twin.path], PATH_NAMES[check.path], "Δ points [95%]", "same answer",
@@ -256,14 +256,14 @@ def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
         commands[r["command"]] = commands.get(r["command"], 0) + 1
     dates = sorted(r["date"] for r in records)
 
-    def counted(d: dict[str, int]) -> str:
+    def counted(d: dict[str, int], code: bool = False) -> str:
         def n_cells(n: int) -> str:
             return f"{n} cell" + ("s" if n != 1 else "")
 
-        return "; ".join(f"`{k}` ({n_cells(n)})" if "bench/" in k else f"{k} ({n_cells(n)})" for k, n in d.items())
+        return "; ".join((f"`{k}`" if code else k) + f" ({n_cells(n)})" for k, n in d.items())
 
     return [f"- machine: {counted(machines)}", f"- dates: {dates[0]} to {dates[-1]}", f"- commits: {counted(commits)}",
-            f"- command: {counted(commands)}"]
+            f"- command: {counted(commands, code=True)}"]
 
 
 def shown(path: Path) -> str:
