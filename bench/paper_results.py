@@ -1,4 +1,5 @@
-"""docs/results.md from whatever cells exist: the paper's tables, paired intervals, provenance, what is left.
+"""docs/results.md from whatever cells exist: the paper's tables, paired intervals, the split against
+local-train (`Config.twin`), provenance, what is left.
 
 Accuracy is shown per configuration (rows) and task (columns), as the paper's Tables 1, 2 and 5;
 a configuration with two seeds shows their mean and range. Each Kill-and-Revive configuration is
@@ -169,10 +170,10 @@ def twin_table(cells: Cells, tasks: list[str], check: Config) -> list[str]:
     twin = config_named(check.twin or "")
     rows = []
     for t in tasks:
-        seeds = shared_seeds(cells, t, check, twin.name)
         diff = versus_reference(cells, t, check, twin.name)
-        if not seeds or diff is None:
+        if diff is None:  # no shared seed, or other test items
             continue
+        seeds = shared_seeds(cells, t, check, twin.name)
         ours = [cells[(t, check.name, s)] for s in seeds]
         theirs = [cells[(t, twin.name, s)] for s in seeds]
         same = sum(p == q for a, b in zip(ours, theirs) for p, q in zip(a["predictions"], b["predictions"]))
